@@ -1,0 +1,33 @@
+"""Checkpoints: atomic writes, and loads that never unpickle code (weights_only=True)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vaekit.errors import VaekitError
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then os.replace it into place.
+
+    A reader (or a crash at any moment) sees either the old complete file or the new one.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with weights_only=True; unreadable files raise one VaekitError."""
+    if not path.is_file():
+        raise VaekitError(f"No checkpoint at {path}.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise VaekitError(f"{path} is not a readable vaekit checkpoint ({first_line}).") from error

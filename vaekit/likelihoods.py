@@ -1,0 +1,133 @@
+"""p(x|z) families. A decoder outputs `params` of shape (B, *data_shape, num_params);
+a likelihood turns them into a Distribution whose event_shape is the data shape.
+
+Data reach every likelihood as floats in [0, 1] (binary for Bernoulli).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Bernoulli, Distribution, Independent, Normal, constraints
+
+from vaekit.errors import VaekitError
+
+
+class QuantizedCategorical(Distribution):
+    """Independent categoricals over K evenly spaced levels {0, 1/(K-1), ..., 1} per dimension.
+
+    logits: (*batch, *event, K). log p(x) = sum_d [logits_d[k_d] - logsumexp(logits_d)] with
+    k_d = round(x_d (K - 1)): a fused log-softmax that never materialises the full table.
+    """
+
+    arg_constraints = {"logits": constraints.real}
+    support = constraints.unit_interval
+    has_rsample = False
+
+    def __init__(self, logits: Tensor, event_dims: int, validate_args: bool = False) -> None:
+        self.logits = logits
+        self.num_vals = logits.shape[-1]
+        shape = logits.shape[:-1]
+        split = len(shape) - event_dims
+        super().__init__(shape[:split], shape[split:], validate_args=validate_args)
+
+    def _sum_event(self, value: Tensor) -> Tensor:
+        return value.flatten(-len(self.event_shape)).sum(-1) if self.event_shape else value
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """(*batch,) log-probability in nats."""
+        index = (value * (self.num_vals - 1)).round_().long().unsqueeze(-1)
+        index = index.expand(*self.logits.shape[:-1], 1)
+        picked = self.logits.gather(-1, index).squeeze(-1)
+        return self._sum_event(picked - torch.logsumexp(self.logits, dim=-1))
+
+    @property
+    def probs(self) -> Tensor:
+        """(*batch, *event, K) level probabilities."""
+        return torch.softmax(self.logits, dim=-1)
+
+    @property
+    def mean(self) -> Tensor:
+        """Expected level in [0, 1], shape (*batch, *event)."""
+        levels = torch.linspace(0, 1, self.num_vals, device=self.logits.device)
+        return self.probs @ levels
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        """Levels in [0, 1], shape (*sample_shape, *batch, *event)."""
+        flat = self.probs.reshape(-1, self.num_vals)
+        index = torch.multinomial(flat, math.prod(sample_shape) or 1, replacement=True)
+        index = index.T.reshape(*sample_shape, *self.logits.shape[:-1])
+        return index.float() / (self.num_vals - 1)
+
+
+class Likelihood(nn.Module):
+    """Base class: `num_params` decoder outputs per data dimension -> Distribution over x."""
+
+    num_params: int = 1
+    binary_data: bool = False  # True: the data must be binarized (Bernoulli)
+
+    def forward(self, params: Tensor) -> Distribution:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def check_dataset(self, num_levels: int) -> None:
+        """Raise VaekitError when this likelihood cannot model the dataset."""
+
+
+class BernoulliLikelihood(Likelihood):
+    """x_d ~ Bernoulli(sigmoid(logit_d)) on binarized data; log_prob is a fused BCE-with-logits."""
+
+    num_params = 1
+    binary_data = True
+
+    def __init__(self, binarize_seed: int = 1234) -> None:
+        super().__init__()
+        self.binarize_seed = binarize_seed
+
+    def forward(self, params: Tensor) -> Distribution:
+        logits = params.squeeze(-1)  # (B, *shape)
+        return Independent(Bernoulli(logits=logits, validate_args=False), logits.dim() - 1)
+
+
+class CategoricalLikelihood(Likelihood):
+    """x_d one of `num_vals` levels; see QuantizedCategorical."""
+
+    def __init__(self, num_vals: int) -> None:
+        super().__init__()
+        if num_vals < 2:
+            raise VaekitError(f"likelihood.num_vals must be at least 2, not {num_vals}.")
+        self.num_params = num_vals
+
+    def check_dataset(self, num_levels: int) -> None:
+        if (num_levels - 1) % (self.num_params - 1) != 0:
+            raise VaekitError(
+                f"likelihood.num_vals={self.num_params} does not divide the dataset's "
+                f"{num_levels} levels evenly: choose a num_vals with (num_vals - 1) dividing "
+                f"{num_levels - 1}, e.g. {num_levels}."
+            )
+
+    def forward(self, params: Tensor) -> Distribution:
+        return QuantizedCategorical(params, event_dims=params.dim() - 2)
+
+
+class GaussianLikelihood(Likelihood):
+    """x_d ~ N(mu_d, sigma_d^2); sigma_d = min_std + softplus(.) when learned, else fixed `std`."""
+
+    def __init__(self, learn_std: bool = True, std: float = 0.1, min_std: float = 0.01) -> None:
+        super().__init__()
+        if std <= 0 or min_std <= 0:
+            raise VaekitError("likelihood.std and likelihood.min_std must be positive.")
+        self.learn_std = learn_std
+        self.std = std
+        self.min_std = min_std
+        self.num_params = 2 if learn_std else 1
+
+    def forward(self, params: Tensor) -> Distribution:
+        mean = params[..., 0]
+        if self.learn_std:
+            scale = self.min_std + F.softplus(params[..., 1])
+        else:
+            scale = torch.full_like(mean, self.std)
+        return Independent(Normal(mean, scale, validate_args=False), mean.dim() - 1)

@@ -1,0 +1,45 @@
+"""Evaluation metrics: NELBO and its terms, importance-weighted NLL, bits/dim."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from vaekit.data import batches
+
+
+@torch.no_grad()
+def nelbo_terms(model: nn.Module, x: Tensor, batch_size: int) -> dict[str, float]:
+    """Mean per-example NELBO, rec and KL (total and per level, `kl/<level>`) over x, nats."""
+    totals: dict[str, Tensor] = {}
+    for xb in batches(x, batch_size):
+        elbo = model(xb)
+        terms = {"nelbo": elbo.nelbo, "rec": elbo.rec, "kl": elbo.kl}
+        terms.update({f"kl/{name}": kl for name, kl in elbo.kl_per_level.items()})
+        for name, value in terms.items():
+            totals[name] = totals.get(name, 0.0) + value.sum()
+    stacked = torch.stack(list(totals.values())).div_(x.shape[0]).tolist()  # one host sync
+    return dict(zip(totals.keys(), stacked, strict=True))
+
+
+@torch.no_grad()
+def iw_nll(
+    model: nn.Module, x: Tensor, k: int, batch_size: int, progress: bool = True
+) -> float:
+    """Mean importance-weighted negative log-likelihood with k samples, nats per example.
+
+    -log p(x) <= NELBO in expectation for every k >= 1 and approaches -log p(x) as k grows.
+    """
+    total = torch.zeros((), device=x.device, dtype=torch.float64)
+    chunks = list(batches(x, batch_size))
+    for xb in tqdm(chunks, desc=f"test IW-NLL (k={k})", disable=not progress, leave=False):
+        total += model.log_likelihood(xb, k).double().sum()
+    return -total.item() / x.shape[0]
+
+
+def bits_per_dim(nll_nats: float, num_dims: int) -> float:
+    """Negative log-likelihood per example in nats -> bits per data dimension."""
+    return nll_nats / (num_dims * math.log(2))

@@ -1,0 +1,125 @@
+"""VAE models: compose encoder, posterior, prior, decoder and likelihood.
+
+Every model's forward(x) returns an `ELBO` of per-example tensors in nats; the training
+loss is defined in one place only, `make_elbo`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+from vaekit.distributions import kl_term
+from vaekit.likelihoods import Likelihood
+from vaekit.posteriors import Posterior
+from vaekit.priors import Prior
+
+# Upper bound on decoder output elements per chunk of the importance-weighted estimate
+# (2**24 float32 = 64 MiB per tensor), so memory stays bounded whatever k and B are.
+IW_CHUNK_ELEMENTS = 2**24
+
+
+@dataclass(frozen=True)
+class ELBO:
+    """Per-example terms (B,) in nats. nelbo = rec + kl; loss = rec + beta * kl."""
+
+    loss: Tensor
+    rec: Tensor
+    kl: Tensor
+    kl_per_level: dict[str, Tensor]
+
+    @property
+    def nelbo(self) -> Tensor:
+        """-ELBO = -E_q[log p(x|z)] + KL(q(z|x) || p(z)), shape (B,)."""
+        return self.rec + self.kl
+
+
+def make_elbo(rec: Tensor, kl_per_level: dict[str, Tensor], beta: float = 1.0) -> ELBO:
+    """The one place the objective is defined: loss = rec + beta * sum_levels KL_level."""
+    kl = sum(kl_per_level.values())
+    return ELBO(loss=rec + beta * kl, rec=rec, kl=kl, kl_per_level=kl_per_level)
+
+
+def _mean_or_sample(q: Distribution) -> Tensor:
+    try:
+        return q.mean
+    except NotImplementedError:  # e.g. flow posteriors have no closed-form mean
+        return q.rsample()
+
+
+class VAE(nn.Module):
+    """One-level VAE (Kingma & Welling, 2014): p(x|z) p(z), q(z|x).
+
+    ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)), single reparameterised sample.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        data_shape: tuple[int, ...],
+        net: object,
+        prior: Prior,
+        make_posterior: Callable[..., Posterior],
+        likelihood: Likelihood,
+    ) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.data_shape = tuple(data_shape)
+        self.encoder = net.encoder(self.data_shape)
+        self.posterior = make_posterior(hidden_dim=net.hidden_dim)
+        self.prior = prior
+        self.decoder = net.decoder(latent_dim, self.data_shape, likelihood.num_params)
+        self.likelihood = likelihood
+
+    def q_z(self, x: Tensor) -> Distribution:
+        """q(z|x): batch (B,), event (L,)."""
+        return self.posterior(self.encoder(x))
+
+    def p_x(self, z: Tensor) -> Distribution:
+        """p(x|z) for z (N, L): batch (N,), event = data shape."""
+        return self.likelihood(self.decoder(z))
+
+    def forward(self, x: Tensor, beta: float = 1.0) -> ELBO:
+        """x (B, *shape) -> ELBO of per-example terms (B,)."""
+        q_z = self.q_z(x)
+        z = q_z.rsample()  # (B, L)
+        rec = -self.p_x(z).log_prob(x)
+        return make_elbo(rec, {"z": kl_term(q_z, self.prior(), z)}, beta)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """Mean of p(x|z) for z ~ p(z): (n, *shape) in [0, 1]."""
+        z = self.prior().sample((n,))
+        return self.p_x(z).mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Mean of p(x|z) at the posterior mean of q(z|x): (B, *shape)."""
+        return self.p_x(_mean_or_sample(self.q_z(x))).mean
+
+    def log_weights(self, x: Tensor, k: int) -> Tensor:
+        """log p(x, z_j) - log q(z_j|x) for k samples z_j ~ q(z|x): shape (k, B)."""
+        q_z = self.q_z(x)
+        z = q_z.rsample((k,))  # (k, B, L)
+        log_q = q_z.log_prob(z)  # (k, B)
+        log_p_z = self.prior().log_prob(z)
+        x_rep = x.expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
+        log_p_x = self.p_x(z.reshape(-1, z.shape[-1])).log_prob(x_rep).view(k, -1)
+        return log_p_x + log_p_z - log_q
+
+    @torch.no_grad()
+    def log_likelihood(self, x: Tensor, k: int) -> Tensor:
+        """Importance-weighted estimate of log p(x) (Burda et al., 2016), shape (B,).
+
+        log p(x) ~= logsumexp_j [log p(x, z_j) - log q(z_j|x)] - log k, z_j ~ q(z|x).
+        Samples are drawn in chunks so at most IW_CHUNK_ELEMENTS decoder outputs live at once.
+        """
+        per_sample = x.shape[0] * math.prod(self.data_shape) * self.likelihood.num_params
+        chunk = max(1, IW_CHUNK_ELEMENTS // per_sample)
+        parts = [self.log_weights(x, min(chunk, k - start)) for start in range(0, k, chunk)]
+        return torch.logsumexp(torch.cat(parts), dim=0) - math.log(k)

@@ -1,0 +1,57 @@
+"""TensorBoard logging of a run: scalars, image grids and hparams, under the run directory."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+
+MIN_IMAGE_SIDE = 28  # small images (8x8 digits) are enlarged so TensorBoard shows them
+
+
+def image_grid(images: Tensor, nrow: int = 8) -> Tensor:
+    """(N, C, H, W) in [0, 1] -> (C', H', W') grid, enlarged by an integer factor if small."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    factor = math.ceil(MIN_IMAGE_SIDE / images.shape[-1])
+    if factor > 1:
+        images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    return make_grid(images, nrow=nrow, padding=2, pad_value=0.5)
+
+
+class RunLogger:
+    """A SummaryWriter writing event files into `<run_dir>/tb`."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        """One scalar per key, tagged `<prefix>/<key>` (e.g. val/nelbo, train/kl/z1)."""
+        for name, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    @torch.no_grad()
+    def images(self, model: nn.Module, x: Tensor, step: int, num: int = 64) -> None:
+        """Grids of samples, and of data beside reconstruction (pairs along each row)."""
+        if len(x.shape) != 4:  # only image-shaped data (N, C, H, W)
+            return
+        was_training = model.training
+        model.eval()
+        self.writer.add_image("samples", image_grid(model.sample(num)), step)
+        x = x[: num // 2]
+        pairs = torch.stack([x, model.reconstruct(x)], dim=1).flatten(0, 1)
+        self.writer.add_image("reconstructions", image_grid(pairs), step)
+        model.train(was_training)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """The run's settings and final metrics, for TensorBoard's HPARAMS tab."""
+        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+
+    def close(self) -> None:
+        """Flush and close the event files."""
+        self.writer.close()

@@ -1,0 +1,208 @@
+"""`vaekit train`: assemble data, model and optimizer from the config, fit, evaluate.
+
+train(cfg, run_dir) does the work and returns the final metrics; `hydra_main` is the thin
+Hydra wrapper that the CLI calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vaekit.checkpoint import load_checkpoint
+from vaekit.data import DeviceData, RawSplits
+from vaekit.errors import VaekitError
+from vaekit.metrics import bits_per_dim, iw_nll, nelbo_terms
+from vaekit.schema import register_schema
+
+log = logging.getLogger("vaekit")
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"  # inside an installed wheel
+SOURCE_CONFIGS = Path(__file__).parent.parent / "configs"  # in a source checkout
+CONFIG_DIR = PACKAGE_CONFIGS if PACKAGE_CONFIGS.is_dir() else SOURCE_CONFIGS
+
+FAILED_JOBS: list[str] = []  # sweep jobs that failed, reported by the CLI at the end
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else must be usable here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise VaekitError(f"trainer.device={name} is not a device name (try auto, cpu or cuda).") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VaekitError(f"trainer.device={name} was asked for, but no CUDA GPU is available here.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise VaekitError(f"trainer.device={name} was asked for, but MPS is not available here.")
+    return device
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Values the schema's types cannot rule out: one sentence for the first bad one."""
+    t, e = cfg.trainer, cfg.eval
+    rules = [
+        (t.max_epochs >= 1, f"trainer.max_epochs must be at least 1, not {t.max_epochs}."),
+        (t.patience >= 0, f"trainer.patience must be 0 or more, not {t.patience}."),
+        (t.min_delta >= 0, f"trainer.min_delta must be 0 or more, not {t.min_delta}."),
+        (t.batch_size >= 1, f"trainer.batch_size must be at least 1, not {t.batch_size}."),
+        (t.eval_batch_size >= 1, f"trainer.eval_batch_size must be at least 1, not {t.eval_batch_size}."),
+        (t.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps must be at least 1."),
+        (t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip must be positive (or null)."),
+        (e.iw_samples >= 1, f"eval.iw_samples must be at least 1, not {e.iw_samples}."),
+        (e.batch_size >= 1, f"eval.batch_size must be at least 1, not {e.batch_size}."),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise VaekitError(message)
+
+
+def build(node: DictConfig, group: str, **kwargs: Any) -> Any:
+    """instantiate() one config group option; errors become one VaekitError sentence."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, VaekitError):
+            raise error.__cause__ from None
+        first_line = str(error).strip().splitlines()[0]
+        raise VaekitError(f"Could not build the {group} from its config: {first_line}") from error
+
+
+def build_model(cfg: DictConfig, raw: RawSplits) -> torch.nn.Module:
+    """Model from the model, net, prior, posterior and likelihood groups, for this dataset."""
+    likelihood = build(cfg.likelihood, "likelihood")
+    likelihood.check_dataset(raw.num_levels)
+    return build(
+        cfg.model,
+        "model",
+        data_shape=raw.shape,
+        net=build(cfg.net, "net"),
+        prior=build(cfg.prior, "prior"),
+        make_posterior=build(cfg.posterior, "posterior", _partial_=True),
+        likelihood=likelihood,
+    )
+
+
+def evaluate_test(model: torch.nn.Module, data: DeviceData, cfg: DictConfig) -> dict[str, float]:
+    """Test NELBO terms, importance-weighted NLL and bits/dim of the model as it is."""
+    model.eval()
+    terms = nelbo_terms(model, data.test, cfg.trainer.eval_batch_size)
+    nll = iw_nll(model, data.test, cfg.eval.iw_samples, cfg.eval.batch_size, cfg.trainer.progress)
+    metrics = {f"test_{name.replace('/', '_')}": value for name, value in terms.items()}
+    metrics.update(test_iw_nll=nll, test_bpd=bits_per_dim(nll, data.num_dims))
+    return metrics
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file, then os.replace)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def hparams_of(cfg: DictConfig) -> dict[str, Any]:
+    """Flat settings shown in TensorBoard's HPARAMS tab."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    flat = {group: choices.get(group, "") for group in ("model", "prior", "posterior", "dataset", "likelihood", "net", "optimizer")}
+    flat.update(latent_dim=cfg.model.get("latent_dim", 0), lr=cfg.optimizer.get("lr", 0.0))
+    flat.update(batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed)
+    return flat
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Fit the configured model, evaluate its best checkpoint on test; return the metrics."""
+    from vaekit.tb_logger import RunLogger  # deferred: tensorboard import is slow-ish
+    from vaekit.trainer import Trainer
+
+    check_settings(cfg)
+    device = resolve_device(cfg.trainer.device)
+    torch.manual_seed(cfg.trainer.seed)
+    raw: RawSplits = build(cfg.dataset, "dataset")
+    if cfg.trainer.batch_size > raw.train.shape[0]:
+        raise VaekitError(
+            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the training split "
+            f"({raw.train.shape[0]} examples)."
+        )
+    model = build_model(cfg, raw).to(device)
+    data = DeviceData(raw, device, model.likelihood.binary_data, getattr(model.likelihood, "binarize_seed", 0))
+    optimizer = build(cfg.optimizer, "optimizer", params=model.parameters())
+    logger = RunLogger(run_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    trainer = Trainer(model, optimizer, data, cfg.trainer, run_dir, logger, config)
+    log.info("training %s on %s (%d parameters) on %s; run directory %s", type(model).__name__,
+             raw.name, sum(p.numel() for p in model.parameters()), device, run_dir)
+    try:
+        state = trainer.fit()
+    finally:
+        logger.writer.flush()
+    model.load_state_dict(load_checkpoint(run_dir / "best.pt", device)["model"])
+    metrics = evaluate_test(model, data, cfg)
+    metrics.update(
+        best_epoch=state.best_epoch, epochs=state.epoch, train_seconds=state.train_seconds,
+        seconds_per_epoch=state.train_seconds / max(state.epoch, 1), val_nelbo=state.best_val,
+        nonfinite_steps=state.nonfinite_total, status=state.status, device=str(device),
+        iw_samples=cfg.eval.iw_samples,
+    )
+    write_json(run_dir / "metrics.json", metrics)
+    logger.hparams(hparams_of(cfg), {k: metrics[k] for k in ("test_nelbo", "test_iw_nll", "test_bpd")})
+    logger.close()
+    return metrics
+
+
+def summary_line(metrics: dict[str, Any], run_dir: Path) -> str:
+    """The one line printed at the end of a run."""
+    return (
+        f"test NELBO {metrics['test_nelbo']:.2f} | IW-NLL (k={metrics['iw_samples']}) "
+        f"{metrics['test_iw_nll']:.2f} | bits/dim {metrics['test_bpd']:.4f} | "
+        f"best epoch {metrics['best_epoch']}/{metrics['epochs']} ({metrics['status']}) | "
+        f"{metrics['train_seconds']:.1f} s | run: {run_dir}"
+    )
+
+
+def _report_failure(run_dir: Path, error: BaseException, started: float) -> None:
+    reason = str(error) if isinstance(error, VaekitError) else f"{type(error).__name__}: {error}"
+    failure = {"status": "failed", "reason": reason, "seconds": time.time() - started}
+    write_json(run_dir / "metrics.json", failure)
+    print(f"vaekit: error: {reason}", file=sys.stderr, flush=True)
+
+
+register_schema()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def hydra_main(cfg: DictConfig) -> float | None:
+    """Hydra entry point of `vaekit train`; returns the test IW-NLL (for sweepers)."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    started = time.time()
+    try:
+        metrics = train(cfg, run_dir)
+    except Exception as error:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _report_failure(run_dir, error, started)
+        full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+        if full_error or (not multirun and not isinstance(error, VaekitError)):
+            raise  # a bug, not bad input (or asked for): Hydra shows where it happened
+        if not multirun:
+            sys.exit(1)
+        FAILED_JOBS.append(f"job {hydra_cfg.job.num} ({run_dir}): {error}")
+        return None
+    print(summary_line(metrics, run_dir), flush=True)
+    value = metrics["test_iw_nll"]
+    return value if math.isfinite(value) else None

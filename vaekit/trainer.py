@@ -1,0 +1,190 @@
+"""The fitting loop: epochs over device-resident data, validation NELBO, early stopping,
+atomic checkpoints (best.pt on improvement, last.pt every epoch), non-finite guard, logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from vaekit.checkpoint import save_atomic
+from vaekit.data import DeviceData
+from vaekit.errors import VaekitError
+from vaekit.metrics import nelbo_terms
+from vaekit.schema import TrainerConfig
+from vaekit.tb_logger import RunLogger
+
+log = logging.getLogger("vaekit")
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class FitState:
+    """Counters that early stopping and resumption need; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    best_val: float = math.inf
+    best_epoch: int = 0
+    epochs_since_best: int = 0
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    train_seconds: float = 0.0
+    status: str = "running"  # running, early_stopped, finished, diverged
+
+
+def grad_norm(params: list[nn.Parameter]) -> Tensor:
+    """Global L2 norm of the gradients (a 0-d tensor; stays on the device)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+class Trainer:
+    """Fits `model` on `data` with `optimizer`; writes checkpoints and logs into run_dir."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: DeviceData,
+        settings: TrainerConfig,
+        run_dir: Path,
+        logger: RunLogger,
+        config: dict[str, Any],
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.data = data
+        self.settings = settings
+        self.run_dir = run_dir
+        self.logger = logger
+        self.config = config
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.state = FitState()
+        self.generator = torch.Generator(device=data.device).manual_seed(settings.seed + 1)
+        self.forward = torch.compile(model) if settings.compile else model
+
+    def fit(self) -> FitState:
+        """Train until early stopping, max_epochs or divergence; returns the final FitState."""
+        s = self.settings
+        epochs = tqdm(
+            range(self.state.epoch, s.max_epochs),
+            desc="train",
+            unit="epoch",
+            disable=not s.progress,
+            initial=self.state.epoch,
+            total=s.max_epochs,
+        )
+        for epoch in epochs:
+            start = time.perf_counter()
+            train_terms = self._train_epoch()
+            val_terms = self._validate()
+            improved = self._update_early_stopping(val_terms["nelbo"], epoch + 1)
+            self._log_epoch(epoch + 1, train_terms, val_terms, improved)
+            self.state.train_seconds += time.perf_counter() - start
+            self._save("last.pt")
+            epochs.set_postfix(val_nelbo=f"{val_terms['nelbo']:.2f}", best=f"{self.state.best_val:.2f}")
+            if self.state.status != "running":
+                break
+        else:
+            self.state.status = "finished"
+        epochs.close()
+        return self.state
+
+    def _train_epoch(self) -> dict[str, float]:
+        """One pass over a fresh permutation; returns mean train NELBO, rec and KL."""
+        self.model.train()
+        sums = torch.zeros(3, device=self.data.device)
+        count = 0
+        for x in self.data.train_batches(self.settings.batch_size, self.generator):
+            elbo = self.forward(x)
+            loss = elbo.loss.mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if not self._finite_step(loss):
+                continue
+            self.optimizer.step()
+            sums += torch.stack([elbo.nelbo.sum(), elbo.rec.sum(), elbo.kl.sum()]).detach()
+            count += x.shape[0]
+        self.state.epoch += 1
+        means = (sums / max(count, 1)).tolist()  # the epoch's one host sync
+        return dict(zip(("nelbo", "rec", "kl"), means, strict=True))
+
+    def _finite_step(self, loss: Tensor) -> bool:
+        """Clip the gradient if asked; False (step skipped) when loss or gradient is not finite."""
+        if self.settings.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+        else:
+            norm = grad_norm(self.params)
+        if bool(torch.isfinite(loss.detach() + norm)):
+            self.state.nonfinite_in_a_row = 0
+            return True
+        self.state.nonfinite_in_a_row += 1
+        self.state.nonfinite_total += 1
+        log.warning(
+            "non-finite loss or gradient at epoch %d: step skipped (%d in a row)",
+            self.state.epoch + 1,
+            self.state.nonfinite_in_a_row,
+        )
+        if self.state.nonfinite_in_a_row >= self.settings.max_nonfinite_steps:
+            raise VaekitError(
+                f"Training diverged: {self.state.nonfinite_in_a_row} non-finite steps in a row "
+                f"at epoch {self.state.epoch + 1}; best.pt keeps the model of epoch "
+                f"{self.state.best_epoch}. Try a lower optimizer.lr or trainer.grad_clip."
+            )
+        return False
+
+    def _validate(self) -> dict[str, float]:
+        self.model.eval()
+        return nelbo_terms(self.model, self.data.val, self.settings.eval_batch_size)
+
+    def _update_early_stopping(self, val_nelbo: float, epoch: int) -> bool:
+        """Record the epoch's validation NELBO; True when it improved (best.pt written)."""
+        st = self.state
+        if not math.isfinite(val_nelbo):
+            improved = False
+        else:
+            improved = val_nelbo < st.best_val - self.settings.min_delta
+        if improved:
+            st.best_val, st.best_epoch, st.epochs_since_best = val_nelbo, epoch, 0
+            self._save("best.pt")
+        else:
+            st.epochs_since_best += 1
+            if st.epochs_since_best >= self.settings.patience:
+                st.status = "early_stopped"
+        return improved
+
+    def _log_epoch(
+        self, epoch: int, train: dict[str, float], val: dict[str, float], improved: bool
+    ) -> None:
+        self.logger.scalars("train", train, epoch)
+        self.logger.scalars("val", val, epoch)
+        if improved and self.settings.log_images:
+            self.logger.images(self.model, self.data.val, epoch)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything needed to evaluate or resume: weights, optimizer, counters, RNG, config."""
+        rng = {"torch": torch.get_rng_state(), "data": self.generator.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "fit_state": asdict(self.state),
+            "rng": rng,
+            "config": self.config,
+        }
+
+    def _save(self, name: str) -> None:
+        save_atomic(self.checkpoint(), self.run_dir / name)
