@@ -34,8 +34,7 @@ def run_plain(seed: int) -> dict:
 
 def run_vaekit(seed: int, workdir: Path) -> dict:
     run_dir = workdir / f"seed{seed}"
-    cmd = ["vaekit", "train", f"trainer.seed={seed}", f"hydra.run.dir={run_dir}",
-           "trainer.progress=false"]
+    cmd = ["vaekit", "train", f"trainer.seed={seed}", f"hydra.run.dir={run_dir}", "trainer.progress=false"]
     seconds, _ = timed(cmd)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {**metrics, "total_seconds": seconds}
@@ -51,14 +50,19 @@ def main() -> None:
             plain, ours = run_plain(seed), run_vaekit(seed, Path(tmp))
             rows.append((plain, ours))
             for name, r in (("plain ", plain), ("vaekit", ours)):
-                print(f"seed {seed} {name}: {r['epochs']:4d} epochs  "
-                      f"{1000 * r['seconds_per_epoch']:6.1f} ms/epoch  "
-                      f"total {r['total_seconds']:5.1f} s  test NELBO {r['test_nelbo']:.2f}  "
-                      f"IW-NLL {r['test_iw_nll']:.2f}", flush=True)
+                print(
+                    f"seed {seed} {name}: {r['epochs']:4d} epochs  "
+                    f"{1000 * r['seconds_per_epoch']:6.1f} ms/epoch  "
+                    f"total {r['total_seconds']:5.1f} s  test NELBO {r['test_nelbo']:.2f}  "
+                    f"IW-NLL {r['test_iw_nll']:.2f}",
+                    flush=True,
+                )
     epoch_ratio = statistics.median(o["seconds_per_epoch"] / p["seconds_per_epoch"] for p, o in rows)
     total_ratio = statistics.median(o["total_seconds"] / p["total_seconds"] for p, o in rows)
-    print(f"median ratio vaekit/plain: time per epoch {epoch_ratio:.2f}, "
-          f"total (command to final line) {total_ratio:.2f}")
+    print(
+        f"median ratio vaekit/plain: time per epoch {epoch_ratio:.2f}, "
+        f"total (command to final line) {total_ratio:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,10 @@ class Digits(Dataset):
 
 def mlp(n_in: int, n_out: int, hidden: int = 256) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(n_in, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU(),
+        nn.Linear(n_in, hidden),
+        nn.LeakyReLU(),
+        nn.Linear(hidden, hidden),
+        nn.LeakyReLU(),
         nn.Linear(hidden, n_out),
     )
 
@@ -114,9 +117,12 @@ def main(seed: int = 0, patience: int = 20, max_epochs: int = 1000) -> dict:
         test_nelbo = sum(model(x).sum().item() for x in test) / 447
         test_iw_nll = -sum(model.iw_log_likelihood(x, 1000).sum().item() for x in test) / 447
     return {
-        "epochs": epochs, "train_seconds": train_seconds,
-        "seconds_per_epoch": train_seconds / epochs, "test_nelbo": test_nelbo,
-        "test_iw_nll": test_iw_nll, "in_process_seconds": time.perf_counter() - start,
+        "epochs": epochs,
+        "train_seconds": train_seconds,
+        "seconds_per_epoch": train_seconds / epochs,
+        "test_nelbo": test_nelbo,
+        "test_iw_nll": test_iw_nll,
+        "in_process_seconds": time.perf_counter() - start,
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,23 @@ import torch
 from vaekit.errors import VaekitError
 
 
-def save_atomic(obj: Any, path: Path) -> None:
+def save_atomic(obj: Any, path: Path, also: Path | None = None) -> None:
     """torch.save to a temporary file beside `path`, then os.replace it into place.
 
     A reader (or a crash at any moment) sees either the old complete file or the new one.
+    With `also`, the same bytes are published under that name too (a hard link where the
+    file system allows, else a copy), so best.pt costs no second serialisation.
     """
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
+    if also is not None:
+        twin = also.with_name(f".{also.name}.tmp")
+        twin.unlink(missing_ok=True)
+        try:
+            os.link(tmp, twin)
+        except OSError:
+            shutil.copyfile(tmp, twin)
+        os.replace(twin, also)
     os.replace(tmp, path)
 
 

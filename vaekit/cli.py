@@ -27,8 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
-        print(f"vaekit: unknown command '{command}' (choose from: {', '.join(COMMANDS)}).",
-              file=sys.stderr)
+        print(f"vaekit: unknown command '{command}' (choose from: {', '.join(COMMANDS)}).", file=sys.stderr)
         print(USAGE, end="", file=sys.stderr)
         sys.exit(2)
     from vaekit import train  # deferred: imports torch and Hydra

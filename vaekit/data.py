@@ -68,9 +68,7 @@ def load_digits(name: str = "digits", **_: object) -> RawSplits:
     labels = torch.from_numpy(array[:, 64]).long()
     n_train, n_val = DIGITS_SPLIT
     cut = (slice(0, n_train), slice(n_train, n_train + n_val), slice(n_train + n_val, None))
-    return RawSplits(
-        *(images[s] for s in cut), *(labels[s] for s in cut), num_levels=17, name=name
-    )
+    return RawSplits(*(images[s] for s in cut), *(labels[s] for s in cut), num_levels=17, name=name)
 
 
 def _missing_files_message(dataset_class: str, root: Path, download: bool) -> str:

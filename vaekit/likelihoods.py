@@ -15,6 +15,8 @@ from torch.distributions import Bernoulli, Distribution, Independent, Normal, co
 
 from vaekit.errors import VaekitError
 
+_NO_SAMPLE_DIMS = torch.Size()
+
 
 class QuantizedCategorical(Distribution):
     """Independent categoricals over K evenly spaced levels {0, 1/(K-1), ..., 1} per dimension.
@@ -39,10 +41,11 @@ class QuantizedCategorical(Distribution):
 
     def log_prob(self, value: Tensor) -> Tensor:
         """(*batch,) log-probability in nats."""
-        index = (value * (self.num_vals - 1)).round_().long().unsqueeze(-1)
-        index = index.expand(*self.logits.shape[:-1], 1)
-        picked = self.logits.gather(-1, index).squeeze(-1)
-        return self._sum_event(picked - torch.logsumexp(self.logits, dim=-1))
+        shape = torch.broadcast_shapes(value.shape, self.logits.shape[:-1])
+        index = (value * (self.num_vals - 1)).round_().long().expand(shape).reshape(-1)
+        logits = self.logits.expand(*shape, self.num_vals).reshape(-1, self.num_vals)
+        nll = F.cross_entropy(logits, index, reduction="none")  # fused log-softmax + pick
+        return -self._sum_event(nll.view(shape))
 
     @property
     def probs(self) -> Tensor:
@@ -55,7 +58,7 @@ class QuantizedCategorical(Distribution):
         levels = torch.linspace(0, 1, self.num_vals, device=self.logits.device)
         return self.probs @ levels
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+    def sample(self, sample_shape: torch.Size = _NO_SAMPLE_DIMS) -> Tensor:
         """Levels in [0, 1], shape (*sample_shape, *batch, *event)."""
         flat = self.probs.reshape(-1, self.num_vals)
         index = torch.multinomial(flat, math.prod(sample_shape) or 1, replacement=True)

@@ -26,9 +26,7 @@ def nelbo_terms(model: nn.Module, x: Tensor, batch_size: int) -> dict[str, float
 
 
 @torch.no_grad()
-def iw_nll(
-    model: nn.Module, x: Tensor, k: int, batch_size: int, progress: bool = True
-) -> float:
+def iw_nll(model: nn.Module, x: Tensor, k: int, batch_size: int, progress: bool = True) -> float:
     """Mean importance-weighted negative log-likelihood with k samples, nats per example.
 
     -log p(x) <= NELBO in expectation for every k >= 1 and approaches -log p(x) as k grows.

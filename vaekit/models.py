@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from vaekit.distributions import kl_term
+from vaekit.errors import VaekitError
 from vaekit.likelihoods import Likelihood
 from vaekit.posteriors import Posterior
 from vaekit.priors import Prior
@@ -43,6 +44,20 @@ def make_elbo(rec: Tensor, kl_per_level: dict[str, Tensor], beta: float = 1.0) -
     """The one place the objective is defined: loss = rec + beta * sum_levels KL_level."""
     kl = sum(kl_per_level.values())
     return ELBO(loss=rec + beta * kl, rec=rec, kl=kl, kl_per_level=kl_per_level)
+
+
+def check_pairing(prior: Prior, posterior: Posterior) -> None:
+    """Refuse, in one sentence, a posterior and a prior that live on different spaces."""
+    if posterior.on_sphere and not prior.on_sphere:
+        raise VaekitError(
+            f"posterior={type(posterior).__name__} lives on the sphere, but "
+            f"prior={type(prior).__name__} does not: use prior=uniform_sphere."
+        )
+    if prior.on_sphere and not posterior.on_sphere:
+        raise VaekitError(
+            f"prior={type(prior).__name__} lives on the sphere, but "
+            f"posterior={type(posterior).__name__} does not: use posterior=vmf or power_spherical."
+        )
 
 
 def _mean_or_sample(q: Distribution) -> Tensor:
@@ -75,6 +90,8 @@ class VAE(nn.Module):
         self.prior = prior
         self.decoder = net.decoder(latent_dim, self.data_shape, likelihood.num_params)
         self.likelihood = likelihood
+        check_pairing(prior, self.posterior)
+        prior.bind_posterior(self.q_z)
 
     def q_z(self, x: Tensor) -> Distribution:
         """q(z|x): batch (B,), event (L,)."""

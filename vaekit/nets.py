@@ -1,7 +1,7 @@
 """Encoder and decoder networks. A net option is a small factory that knows the data shape.
 
-    encoder(shape)                      : x (B, *shape) -> h (B, out_dim)
-    decoder(latent_dim, shape, params)  : z (B, L) -> params (B, *shape, num_params)
+encoder(shape)                      : x (B, *shape) -> h (B, out_dim)
+decoder(latent_dim, shape, params)  : z (B, L) -> params (B, *shape, num_params)
 """
 
 from __future__ import annotations

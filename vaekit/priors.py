@@ -3,8 +3,10 @@ torch Distribution with event_shape (L,)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
 from vaekit.errors import VaekitError
@@ -23,6 +25,13 @@ class Prior(nn.Module):
 
     def forward(self) -> Distribution:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def bind_posterior(self, posterior_of: Callable[[Tensor], Distribution]) -> None:
+        """Called once by the model with its x -> q(z|x) map (the top latent's posterior).
+
+        Priors built from the posterior (VampPrior) keep it; the others ignore it. The map
+        is a bound method of the model, so the encoder is shared, never copied.
+        """
 
 
 class StandardPrior(Prior):

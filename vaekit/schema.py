@@ -8,7 +8,7 @@ they do not declare.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -25,10 +25,11 @@ class TrainerConfig:
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps
     seed: int = 0
     compile: bool = False  # torch.compile the model's forward pass
-    grad_clip: Optional[float] = None  # clip the gradient norm to this; None = no clipping
+    grad_clip: float | None = None  # clip the gradient norm to this; None = no clipping
     max_nonfinite_steps: int = 20  # stop after this many non-finite steps in a row
     eval_batch_size: int = 1000
-    log_images: bool = True  # sample / reconstruction grids when validation improves
+    log_images: bool = True  # sample / reconstruction grids when validation improves,
+    image_every: int = 5  # ... at most every this many epochs (and the best model's at the end)
     progress: bool = True  # tqdm progress bars
 
 

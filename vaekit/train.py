@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from vaekit.checkpoint import load_checkpoint
 from vaekit.data import DeviceData, RawSplits
 from vaekit.errors import VaekitError
+from vaekit.flatten import FlatParameters
 from vaekit.metrics import bits_per_dim, iw_nll, nelbo_terms
 from vaekit.schema import register_schema
 
@@ -118,7 +119,10 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     """Flat settings shown in TensorBoard's HPARAMS tab."""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    flat = {group: choices.get(group, "") for group in ("model", "prior", "posterior", "dataset", "likelihood", "net", "optimizer")}
+    flat = {
+        group: choices.get(group, "")
+        for group in ("model", "prior", "posterior", "dataset", "likelihood", "net", "optimizer")
+    }
     flat.update(latent_dim=cfg.model.get("latent_dim", 0), lr=cfg.optimizer.get("lr", 0.0))
     flat.update(batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed)
     return flat
@@ -139,23 +143,39 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"({raw.train.shape[0]} examples)."
         )
     model = build_model(cfg, raw).to(device)
-    data = DeviceData(raw, device, model.likelihood.binary_data, getattr(model.likelihood, "binarize_seed", 0))
-    optimizer = build(cfg.optimizer, "optimizer", params=model.parameters())
+    data = DeviceData(
+        raw, device, model.likelihood.binary_data, getattr(model.likelihood, "binarize_seed", 0)
+    )
+    flat = FlatParameters(model)  # the optimizer sees one tensor: few kernels per step
+    optimizer = build(cfg.optimizer, "optimizer", params=[flat.param])
     logger = RunLogger(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
-    trainer = Trainer(model, optimizer, data, cfg.trainer, run_dir, logger, config)
-    log.info("training %s on %s (%d parameters) on %s; run directory %s", type(model).__name__,
-             raw.name, sum(p.numel() for p in model.parameters()), device, run_dir)
+    trainer = Trainer(model, flat, optimizer, data, cfg.trainer, run_dir, logger, config)
+    log.info(
+        "training %s on %s (%d parameters) on %s; run directory %s",
+        type(model).__name__,
+        raw.name,
+        sum(p.numel() for p in model.parameters()),
+        device,
+        run_dir,
+    )
     try:
         state = trainer.fit()
     finally:
         logger.writer.flush()
     model.load_state_dict(load_checkpoint(run_dir / "best.pt", device)["model"])
+    if cfg.trainer.log_images:
+        trainer.log_images(state.best_epoch)  # the grids of the model that is evaluated
     metrics = evaluate_test(model, data, cfg)
     metrics.update(
-        best_epoch=state.best_epoch, epochs=state.epoch, train_seconds=state.train_seconds,
-        seconds_per_epoch=state.train_seconds / max(state.epoch, 1), val_nelbo=state.best_val,
-        nonfinite_steps=state.nonfinite_total, status=state.status, device=str(device),
+        best_epoch=state.best_epoch,
+        epochs=state.epoch,
+        train_seconds=state.train_seconds,
+        seconds_per_epoch=state.train_seconds / max(state.epoch, 1),
+        val_nelbo=state.best_val,
+        nonfinite_steps=state.nonfinite_total,
+        status=state.status,
+        device=str(device),
         iw_samples=cfg.eval.iw_samples,
     )
     write_json(run_dir / "metrics.json", metrics)

@@ -4,6 +4,7 @@ atomic checkpoints (best.pt on improvement, last.pt every epoch), non-finite gua
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from vaekit.checkpoint import save_atomic
 from vaekit.data import DeviceData
 from vaekit.errors import VaekitError
+from vaekit.flatten import FlatParameters
 from vaekit.metrics import nelbo_terms
 from vaekit.schema import TrainerConfig
 from vaekit.tb_logger import RunLogger
@@ -25,6 +27,13 @@ from vaekit.tb_logger import RunLogger
 log = logging.getLogger("vaekit")
 
 CHECKPOINT_FORMAT = 1
+VALIDATION_SEED = 2024
+
+
+def fork_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """Restore the global RNG streams of the CPU (and this CUDA device) on exit."""
+    devices = [device] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
 
 
 @dataclass
@@ -41,20 +50,13 @@ class FitState:
     status: str = "running"  # running, early_stopped, finished, diverged
 
 
-def grad_norm(params: list[nn.Parameter]) -> Tensor:
-    """Global L2 norm of the gradients (a 0-d tensor; stays on the device)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-
 class Trainer:
     """Fits `model` on `data` with `optimizer`; writes checkpoints and logs into run_dir."""
 
     def __init__(
         self,
         model: nn.Module,
+        flat: FlatParameters,
         optimizer: torch.optim.Optimizer,
         data: DeviceData,
         settings: TrainerConfig,
@@ -63,16 +65,17 @@ class Trainer:
         config: dict[str, Any],
     ) -> None:
         self.model = model
+        self.flat = flat
         self.optimizer = optimizer
         self.data = data
         self.settings = settings
         self.run_dir = run_dir
         self.logger = logger
         self.config = config
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.state = FitState()
         self.generator = torch.Generator(device=data.device).manual_seed(settings.seed + 1)
         self.forward = torch.compile(model) if settings.compile else model
+        self.last_image_epoch = -math.inf
 
     def fit(self) -> FitState:
         """Train until early stopping, max_epochs or divergence; returns the final FitState."""
@@ -92,8 +95,8 @@ class Trainer:
             improved = self._update_early_stopping(val_terms["nelbo"], epoch + 1)
             self._log_epoch(epoch + 1, train_terms, val_terms, improved)
             self.state.train_seconds += time.perf_counter() - start
-            self._save("last.pt")
-            epochs.set_postfix(val_nelbo=f"{val_terms['nelbo']:.2f}", best=f"{self.state.best_val:.2f}")
+            self._save_last(also_best=improved)
+            epochs.set_postfix(val=f"{val_terms['nelbo']:.2f}", best=f"{self.state.best_val:.2f}")
             if self.state.status != "running":
                 break
         else:
@@ -109,7 +112,7 @@ class Trainer:
         for x in self.data.train_batches(self.settings.batch_size, self.generator):
             elbo = self.forward(x)
             loss = elbo.loss.mean()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.flat.zero_grad()
             loss.backward()
             if not self._finite_step(loss):
                 continue
@@ -123,9 +126,9 @@ class Trainer:
     def _finite_step(self, loss: Tensor) -> bool:
         """Clip the gradient if asked; False (step skipped) when loss or gradient is not finite."""
         if self.settings.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_([self.flat.param], self.settings.grad_clip)
         else:
-            norm = grad_norm(self.params)
+            norm = self.flat.grad_norm()
         if bool(torch.isfinite(loss.detach() + norm)):
             self.state.nonfinite_in_a_row = 0
             return True
@@ -145,11 +148,18 @@ class Trainer:
         return False
 
     def _validate(self) -> dict[str, float]:
+        """Validation NELBO with the same noise every epoch (common random numbers).
+
+        Fixed noise makes epochs comparable, so early stopping reacts to the model and not
+        to a lucky draw; forking the RNG keeps validation from shifting the training stream.
+        """
         self.model.eval()
-        return nelbo_terms(self.model, self.data.val, self.settings.eval_batch_size)
+        with fork_rng(self.data.device):
+            torch.manual_seed(VALIDATION_SEED)
+            return nelbo_terms(self.model, self.data.val, self.settings.eval_batch_size)
 
     def _update_early_stopping(self, val_nelbo: float, epoch: int) -> bool:
-        """Record the epoch's validation NELBO; True when it improved (best.pt written)."""
+        """Record the epoch's validation NELBO; True when it improved (best.pt is due)."""
         st = self.state
         if not math.isfinite(val_nelbo):
             improved = False
@@ -157,20 +167,24 @@ class Trainer:
             improved = val_nelbo < st.best_val - self.settings.min_delta
         if improved:
             st.best_val, st.best_epoch, st.epochs_since_best = val_nelbo, epoch, 0
-            self._save("best.pt")
         else:
             st.epochs_since_best += 1
             if st.epochs_since_best >= self.settings.patience:
                 st.status = "early_stopped"
         return improved
 
-    def _log_epoch(
-        self, epoch: int, train: dict[str, float], val: dict[str, float], improved: bool
-    ) -> None:
+    def _log_epoch(self, epoch: int, train: dict[str, float], val: dict[str, float], improved: bool) -> None:
         self.logger.scalars("train", train, epoch)
         self.logger.scalars("val", val, epoch)
-        if improved and self.settings.log_images:
-            self.logger.images(self.model, self.data.val, epoch)
+        due = epoch - self.last_image_epoch >= self.settings.image_every
+        if improved and due and self.settings.log_images:
+            self.log_images(epoch)
+
+    def log_images(self, step: int) -> None:
+        """Sample and reconstruction grids of the model as it is now, tagged with `step`."""
+        with fork_rng(self.data.device):  # image grids must not change the training run
+            self.logger.images(self.model, self.data.val, step)
+        self.last_image_epoch = step
 
     def checkpoint(self) -> dict[str, Any]:
         """Everything needed to evaluate or resume: weights, optimizer, counters, RNG, config."""
@@ -186,5 +200,7 @@ class Trainer:
             "config": self.config,
         }
 
-    def _save(self, name: str) -> None:
-        save_atomic(self.checkpoint(), self.run_dir / name)
+    def _save_last(self, also_best: bool) -> None:
+        """last.pt every epoch; on improvement the same file is published as best.pt."""
+        best = self.run_dir / "best.pt" if also_best else None
+        save_atomic(self.checkpoint(), self.run_dir / "last.pt", also=best)

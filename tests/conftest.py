@@ -1,0 +1,78 @@
+"""Shared helpers: run the real `vaekit` command, write small IDX files, read event files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_MNIST = REPO.parent / "shared" / "data"
+
+# Settings that keep a CLI run to a few seconds on a laptop CPU.
+FAST = ["trainer.max_epochs=3", "eval.iw_samples=8", "trainer.progress=false"]
+
+
+def vaekit_executable() -> str:
+    """The installed `vaekit` console script (beside this Python, else on PATH)."""
+    beside = Path(sys.executable).parent / "vaekit"
+    found = str(beside) if beside.exists() else shutil.which("vaekit")
+    if found is None:
+        pytest.fail("the vaekit command is not installed: pip install '.[test]'")
+    return found
+
+
+def run_vaekit(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real `vaekit` command in a subprocess and capture its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    command = [vaekit_executable(), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array in the IDX format MNIST uses (big-endian dims after a magic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_fake_mnist(root: Path, folder: str = "MNIST", n_train: int = 120, n_test: int = 40) -> None:
+    """Small random MNIST-format files under root/<folder>/raw: blobs of bright pixels."""
+    rng = np.random.default_rng(0)
+    raw = root / folder / "raw"
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        for i in range(n):
+            r, c = rng.integers(4, 20, size=2)
+            images[i, r : r + 8, c : c + 8] = rng.integers(128, 256, size=(8, 8))
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, size=n))
+
+
+@pytest.fixture
+def fake_mnist(tmp_path: Path) -> Path:
+    write_fake_mnist(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def read_events(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], set[str]]:
+    """Scalars {tag: [(step, value)]} and image tags from every event file under run_dir."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    images: set[str] = set()
+    for folder in {p.parent for p in run_dir.rglob("events.out.tfevents.*")}:
+        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+        images.update(acc.Tags()["images"])
+    return scalars, images
