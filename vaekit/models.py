@@ -27,7 +27,8 @@ IW_CHUNK_ELEMENTS = 2**24
 
 @dataclass(frozen=True)
 class ELBO:
-    """Per-example terms (B,) in nats. nelbo = rec + kl; loss = rec + beta * kl."""
+    """Per-example terms (B,) in nats. nelbo = rec + kl; loss is what training minimises
+    (equal to nelbo unless KL warm-up or free bits are on, see `make_elbo`)."""
 
     loss: Tensor
     rec: Tensor
@@ -40,10 +41,19 @@ class ELBO:
         return self.rec + self.kl
 
 
-def make_elbo(rec: Tensor, kl_per_level: dict[str, Tensor], beta: float = 1.0) -> ELBO:
-    """The one place the objective is defined: loss = rec + beta * sum_levels KL_level."""
+def make_elbo(
+    rec: Tensor, kl_per_level: dict[str, Tensor], beta: float = 1.0, free_bits: float = 0.0
+) -> ELBO:
+    """The one place the objective is defined.
+
+    loss = rec + beta * sum_levels max(KL_level, free_bits): beta < 1 during KL warm-up
+    (Sonderby et al., 2016); the free-bits floor (Kingma et al., 2016), in nats per level
+    and example, stops the optimiser from pushing a level's KL below it (against collapse).
+    The reported nelbo = rec + sum_levels KL_level is unaffected by either.
+    """
     kl = sum(kl_per_level.values())
-    return ELBO(loss=rec + beta * kl, rec=rec, kl=kl, kl_per_level=kl_per_level)
+    penalty = kl if free_bits <= 0 else sum(k.clamp(min=free_bits) for k in kl_per_level.values())
+    return ELBO(loss=rec + beta * penalty, rec=rec, kl=kl, kl_per_level=kl_per_level)
 
 
 def check_pairing(prior: Prior, posterior: Posterior) -> None:
@@ -101,12 +111,12 @@ class VAE(nn.Module):
         """p(x|z) for z (N, L): batch (N,), event = data shape."""
         return self.likelihood(self.decoder(z))
 
-    def forward(self, x: Tensor, beta: float = 1.0) -> ELBO:
-        """x (B, *shape) -> ELBO of per-example terms (B,)."""
+    def forward(self, x: Tensor, beta: float = 1.0, free_bits: float = 0.0) -> ELBO:
+        """x (B, *shape) -> ELBO of per-example terms (B,); see make_elbo for beta, free_bits."""
         q_z = self.q_z(x)
         z = q_z.rsample()  # (B, L)
         rec = -self.p_x(z).log_prob(x)
-        return make_elbo(rec, {"z": kl_term(q_z, self.prior(), z)}, beta)
+        return make_elbo(rec, {"z": kl_term(q_z, self.prior(), z)}, beta, free_bits)
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:

@@ -33,6 +33,10 @@ class Prior(nn.Module):
         is a bound method of the model, so the encoder is shared, never copied.
         """
 
+    def initialize_from_data(self, x_train: Tensor) -> None:
+        """Called once before training with the training split (N, *shape) in [0, 1] on the
+        device; priors that start from data (VampPrior with init=data) use it."""
+
 
 class StandardPrior(Prior):
     """p(z) = N(0, I_L)."""

@@ -146,6 +146,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     data = DeviceData(
         raw, device, model.likelihood.binary_data, getattr(model.likelihood, "binarize_seed", 0)
     )
+    model.prior.initialize_from_data(data.train)
     flat = FlatParameters(model)  # the optimizer sees one tensor: few kernels per step
     optimizer = build(cfg.optimizer, "optimizer", params=[flat.param])
     logger = RunLogger(run_dir)

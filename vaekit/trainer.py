@@ -104,24 +104,36 @@ class Trainer:
         epochs.close()
         return self.state
 
+    def beta(self) -> float:
+        """KL weight of the coming epoch: rises linearly from 1/W to 1 over W warm-up epochs."""
+        warmup = self.settings.kl_warmup_epochs
+        return 1.0 if warmup <= 0 else min(1.0, (self.state.epoch + 1) / warmup)
+
     def _train_epoch(self) -> dict[str, float]:
-        """One pass over a fresh permutation; returns mean train NELBO, rec and KL."""
+        """One pass over a fresh permutation; returns mean train NELBO, rec, KL (and per level)."""
         self.model.train()
-        sums = torch.zeros(3, device=self.data.device)
+        beta, free_bits = self.beta(), self.settings.free_bits
+        sums: Tensor | None = None
+        names: list[str] = []
         count = 0
         for x in self.data.train_batches(self.settings.batch_size, self.generator):
-            elbo = self.forward(x)
+            elbo = self.forward(x, beta=beta, free_bits=free_bits)
             loss = elbo.loss.mean()
             self.flat.zero_grad()
             loss.backward()
             if not self._finite_step(loss):
                 continue
             self.optimizer.step()
-            sums += torch.stack([elbo.nelbo.sum(), elbo.rec.sum(), elbo.kl.sum()]).detach()
+            terms = [elbo.nelbo, elbo.rec, elbo.kl, *elbo.kl_per_level.values()]
+            batch_sums = torch.stack([t.detach().sum() for t in terms])
+            sums = batch_sums if sums is None else sums + batch_sums
+            names = names or ["nelbo", "rec", "kl", *(f"kl/{k}" for k in elbo.kl_per_level)]
             count += x.shape[0]
         self.state.epoch += 1
-        means = (sums / max(count, 1)).tolist()  # the epoch's one host sync
-        return dict(zip(("nelbo", "rec", "kl"), means, strict=True))
+        if sums is None:
+            return {}
+        means = (sums / count).tolist()  # the epoch's one host sync
+        return dict(zip(names, means, strict=True))
 
     def _finite_step(self, loss: Tensor) -> bool:
         """Clip the gradient if asked; False (step skipped) when loss or gradient is not finite."""
