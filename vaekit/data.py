@@ -171,13 +171,20 @@ class DeviceData:
         """Number of data dimensions D of one example (for bits/dim)."""
         return int(np.prod(self.shape))
 
+    def permutation(self, generator: torch.Generator) -> Tensor:
+        """A fresh random order of the training split for one epoch, (N,) int64."""
+        return torch.randperm(self.train.shape[0], device=self.device, generator=generator)
+
+    def train_batch(self, perm: Tensor, step: int, batch_size: int, generator: torch.Generator) -> Tensor:
+        """Batch number `step` of the epoch ordered by `perm`, binarized afresh if asked."""
+        x = self.train[perm[step * batch_size : (step + 1) * batch_size]]
+        return torch.bernoulli(x, generator=generator) if self.binarize else x
+
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
         """One epoch: slices of a random permutation; the last batch may be smaller."""
-        n = self.train.shape[0]
-        perm = torch.randperm(n, device=self.device, generator=generator)
-        for start in range(0, n, batch_size):
-            x = self.train[perm[start : start + batch_size]]
-            yield torch.bernoulli(x, generator=generator) if self.binarize else x
+        perm = self.permutation(generator)
+        for step in range(self.num_train_batches(batch_size)):
+            yield self.train_batch(perm, step, batch_size, generator)
 
     def num_train_batches(self, batch_size: int) -> int:
         """Batches per epoch."""

@@ -3,3 +3,14 @@
 
 class VaekitError(Exception):
     """A user-facing error: its message is one clear sentence, shown without a traceback."""
+
+
+class RunStopped(VaekitError):
+    """The run ended early (interrupted or diverged) and metrics.json already says so.
+
+    `exit_code` is what the command exits with: 130 / 143 after SIGINT / SIGTERM, 1 otherwise.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,8 +1,9 @@
-"""Evaluation metrics: NELBO and its terms, importance-weighted NLL, bits/dim."""
+"""Evaluation metrics: NELBO and its terms, importance-weighted NLL, bits/dim, active units."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -41,3 +42,21 @@ def iw_nll(model: nn.Module, x: Tensor, k: int, batch_size: int, progress: bool 
 def bits_per_dim(nll_nats: float, num_dims: int) -> float:
     """Negative log-likelihood per example in nats -> bits per data dimension."""
     return nll_nats / (num_dims * math.log(2))
+
+
+def active_units(means: Tensor | Mapping[str, Tensor], threshold: float = 0.01) -> dict[str, int]:
+    """Number of active latent units per level (Burda et al., 2016, section 5.2).
+
+    Unit u is active when A_u = Cov_x(E_{q(z|x)}[z_u]) > threshold: its posterior mean moves
+    with the input; an inactive unit's posterior is the same for every x (collapsed).
+    means: level -> (N, L_level) posterior means of N examples (N >= 2); a single tensor
+    (N, L) counts as the one level "z". Returns level -> count of active units.
+    """
+    per_level = {"z": means} if isinstance(means, Tensor) else dict(means)
+    counts: dict[str, int] = {}
+    for level, mean in per_level.items():
+        if mean.dim() != 2 or mean.shape[0] < 2:
+            raise ValueError(f"active_units needs (N >= 2, L) means per level, got {tuple(mean.shape)}.")
+        variance = mean.double().var(dim=0)  # (L,) covariance over x of each unit's mean
+        counts[level] = int((variance > threshold).sum())
+    return counts

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -28,7 +28,9 @@ class TrainerConfig:
     kl_warmup_epochs: int = 0  # beta rises linearly from 0 to 1 over this many epochs; 0 = off
     free_bits: float = 0.0  # floor on each level's KL in the loss, nats per example; 0 = off
     grad_clip: float | None = None  # clip the gradient norm to this; None = no clipping
-    max_nonfinite_steps: int = 20  # stop after this many non-finite steps in a row
+    max_nonfinite_steps: int = 5  # non-finite steps in a row that trigger a roll-back
+    max_rollbacks: int = 3  # roll-backs (to the last good epoch, lower lr) before giving up
+    rollback_lr_factor: float = 0.5  # the learning rate is multiplied by this at each roll-back
     eval_batch_size: int = 1000
     log_images: bool = True  # sample / reconstruction grids when validation improves,
     image_every: int = 5  # ... at most every this many epochs (and the best model's at the end)
@@ -54,10 +56,19 @@ class TrainConfig:
     posterior: Any = MISSING
     net: Any = MISSING
     optimizer: Any = MISSING
+    resume: str | None = None  # a run directory whose last.pt to continue from
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+def _last_size(sizes: Any) -> int:
+    """`${vaekit_last:${.latent_dims}}`: the last entry of a list of sizes (0 if empty, which
+    the prior then refuses), e.g. the top latent size of a hierarchical model."""
+    return int(sizes[-1]) if len(sizes) else 0
+
+
 def register_schema() -> None:
-    """Make `train_schema` available to the defaults list of `train.yaml`."""
+    """Make `train_schema` available to the defaults list of `train.yaml`, and register the
+    resolver `vaekit_last` that hierarchical model configs use for their top latent size."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    OmegaConf.register_new_resolver("vaekit_last", _last_size, replace=True)

@@ -26,8 +26,10 @@ def image_grid(images: Tensor, nrow: int = 8) -> Tensor:
 class RunLogger:
     """A SummaryWriter writing event files into `<run_dir>/tb`."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+    def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
+        # purge_step: events at or after this step from an earlier, interrupted writer are
+        # hidden, so a resumed run's curves continue without duplicated steps
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         """One scalar per key, tagged `<prefix>/<key>` (e.g. val/nelbo, train/kl/z1)."""
@@ -46,6 +48,29 @@ class RunLogger:
         pairs = torch.stack([x, model.reconstruct(x)], dim=1).flatten(0, 1)
         self.writer.add_image("reconstructions", image_grid(pairs), step)
         model.train(was_training)
+
+    @torch.no_grad()
+    def embedding(
+        self, means: Tensor, labels: Tensor, images: Tensor, step: int, tag: str = "latent_means"
+    ) -> None:
+        """Latent means (N, L) for TensorBoard's Projector, with labels (N,) and thumbnails.
+
+        images (N, C, H, W) in [0, 1] become the sprite; labels the metadata column. Files go
+        to <run_dir>/tb/<step:05d>/<tag>/ (tensors.tsv, metadata.tsv, sprite.png) and
+        tb/projector_config.pbtxt. The sprite is one square image: keep N to ~10,000 or fewer.
+        """
+        if means.dim() != 2 or labels.shape[0] != means.shape[0] or images.shape[0] != means.shape[0]:
+            raise ValueError(
+                f"embedding needs means (N, L), labels (N,) and images (N, C, H, W); got "
+                f"{tuple(means.shape)}, {tuple(labels.shape)}, {tuple(images.shape)}."
+            )
+        self.writer.add_embedding(
+            means.detach().float().cpu(),
+            metadata=[int(label) for label in labels.detach().cpu().reshape(-1)],
+            label_img=images.detach().float().clamp(0, 1).cpu(),
+            global_step=step,
+            tag=tag,
+        )
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """The run's settings and final metrics, for TensorBoard's HPARAMS tab."""

@@ -25,10 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaekit.checkpoint import load_checkpoint
 from vaekit.data import DeviceData, RawSplits
-from vaekit.errors import VaekitError
+from vaekit.errors import RunStopped, VaekitError
 from vaekit.flatten import FlatParameters
 from vaekit.metrics import bits_per_dim, iw_nll, nelbo_terms
+from vaekit.resume import register_resolvers, resumed_config
 from vaekit.schema import register_schema
+from vaekit.signals import StopRequest
 
 log = logging.getLogger("vaekit")
 
@@ -110,9 +112,10 @@ def evaluate_test(model: torch.nn.Module, data: DeviceData, cfg: DictConfig) -> 
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically (temp file, then os.replace)."""
+    """Write JSON atomically (temp file, then os.replace); non-finite numbers become null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in payload.items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 
@@ -128,10 +131,30 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Fit the configured model, evaluate its best checkpoint on test; return the metrics."""
+def fit_fields(state: Any, cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """The metrics.json fields that describe the fit itself."""
+    return {
+        "best_epoch": state.best_epoch,
+        "epochs": state.epoch,
+        "train_seconds": state.train_seconds,
+        "seconds_per_epoch": state.train_seconds / max(state.epoch, 1),
+        "val_nelbo": state.best_val,
+        "nonfinite_steps": state.nonfinite_total,
+        "rollbacks": state.rollbacks,
+        "status": state.status,
+        "device": str(device),
+        "iw_samples": cfg.eval.iw_samples,
+    }
+
+
+def train(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit the configured model (continuing `checkpoint` if given), evaluate its best
+    checkpoint on the test split, write metrics.json and return the metrics.
+
+    Raises RunStopped (metrics.json already written) when interrupted or diverged.
+    """
     from vaekit.tb_logger import RunLogger  # deferred: tensorboard import is slow-ish
-    from vaekit.trainer import Trainer
+    from vaekit.trainer import Diverged, Interrupted, Trainer
 
     check_settings(cfg)
     device = resolve_device(cfg.trainer.device)
@@ -143,46 +166,59 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"({raw.train.shape[0]} examples)."
         )
     model = build_model(cfg, raw).to(device)
-    data = DeviceData(
-        raw, device, model.likelihood.binary_data, getattr(model.likelihood, "binarize_seed", 0)
-    )
+    lik = model.likelihood
+    data = DeviceData(raw, device, lik.binary_data, getattr(lik, "binarize_seed", 0))
     model.prior.initialize_from_data(data.train)
     flat = FlatParameters(model)  # the optimizer sees one tensor: few kernels per step
     optimizer = build(cfg.optimizer, "optimizer", params=[flat.param])
-    logger = RunLogger(run_dir)
+    # on resume, TensorBoard hides what an interrupted run logged after its last checkpoint
+    resumed_epoch = checkpoint["fit_state"]["epoch"] if checkpoint else None
+    logger = RunLogger(run_dir, purge_step=None if resumed_epoch is None else resumed_epoch + 1)
     config = OmegaConf.to_container(cfg, resolve=True)
     trainer = Trainer(model, flat, optimizer, data, cfg.trainer, run_dir, logger, config)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+    n_params = sum(p.numel() for p in model.parameters())
+    verb = f"resuming at epoch {resumed_epoch}:" if checkpoint else "training"
     log.info(
-        "training %s on %s (%d parameters) on %s; run directory %s",
+        "%s %s on %s (%d parameters) on %s; run directory %s",
+        verb,
         type(model).__name__,
         raw.name,
-        sum(p.numel() for p in model.parameters()),
+        n_params,
         device,
         run_dir,
     )
     try:
-        state = trainer.fit()
-    finally:
-        logger.writer.flush()
-    model.load_state_dict(load_checkpoint(run_dir / "best.pt", device)["model"])
-    if cfg.trainer.log_images:
-        trainer.log_images(state.best_epoch)  # the grids of the model that is evaluated
-    metrics = evaluate_test(model, data, cfg)
-    metrics.update(
-        best_epoch=state.best_epoch,
-        epochs=state.epoch,
-        train_seconds=state.train_seconds,
-        seconds_per_epoch=state.train_seconds / max(state.epoch, 1),
-        val_nelbo=state.best_val,
-        nonfinite_steps=state.nonfinite_total,
-        status=state.status,
-        device=str(device),
-        iw_samples=cfg.eval.iw_samples,
-    )
+        with StopRequest() as stop:
+            trainer.stop = stop
+            state = trainer.fit()
+    except Interrupted as stopped:
+        record = {**fit_fields(trainer.state, cfg, device), "reason": str(stopped)}
+        write_json(run_dir / "metrics.json", record)
+        logger.close()
+        raise RunStopped(f"{stopped}; resume with: vaekit train resume={run_dir}", stop.exit_code) from None
+    except Diverged as diverged:
+        record = {**fit_fields(trainer.state, cfg, device), "reason": str(diverged)}
+        if trainer.state.best_epoch > 0:  # the best model from before the divergence
+            record.update(evaluate_best(trainer, cfg, device))
+        write_json(run_dir / "metrics.json", record)
+        logger.close()
+        raise RunStopped(str(diverged)) from None
+    metrics = {**evaluate_best(trainer, cfg, device), **fit_fields(state, cfg, device)}
     write_json(run_dir / "metrics.json", metrics)
     logger.hparams(hparams_of(cfg), {k: metrics[k] for k in ("test_nelbo", "test_iw_nll", "test_bpd")})
     logger.close()
     return metrics
+
+
+def evaluate_best(trainer: Any, cfg: DictConfig, device: torch.device) -> dict[str, float]:
+    """Load best.pt into the trainer's model, log its image grids, evaluate it on test."""
+    model = trainer.model
+    model.load_state_dict(load_checkpoint(trainer.run_dir / "best.pt", device)["model"])
+    if cfg.trainer.log_images:
+        trainer.log_images(trainer.state.best_epoch)  # the grids of the model that is evaluated
+    return evaluate_test(model, trainer.data, cfg)
 
 
 def summary_line(metrics: dict[str, Any], run_dir: Path) -> str:
@@ -195,14 +231,17 @@ def summary_line(metrics: dict[str, Any], run_dir: Path) -> str:
     )
 
 
-def _report_failure(run_dir: Path, error: BaseException, started: float) -> None:
+def _report_failure(run_dir: Path, error: BaseException, started: float, record: bool = True) -> None:
+    """Print the one-sentence error; with `record`, metrics.json says the run failed and why."""
     reason = str(error) if isinstance(error, VaekitError) else f"{type(error).__name__}: {error}"
-    failure = {"status": "failed", "reason": reason, "seconds": time.time() - started}
-    write_json(run_dir / "metrics.json", failure)
+    if record:
+        failure = {"status": "failed", "reason": reason, "seconds": time.time() - started}
+        write_json(run_dir / "metrics.json", failure)
     print(f"vaekit: error: {reason}", file=sys.stderr, flush=True)
 
 
 register_schema()
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -212,11 +251,32 @@ def hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     started = time.time()
+    started_training = False  # a refused resume must not overwrite the run's metrics.json
     try:
-        metrics = train(cfg, run_dir)
+        checkpoint = None
+        if cfg.resume:
+            if multirun:
+                raise VaekitError("resume continues one run at a time: drop -m/--multirun.")
+            cfg, checkpoint = resumed_config(cfg, list(hydra_cfg.overrides.task))
+        started_training = True
+        metrics = train(cfg, run_dir, checkpoint)
+    except RunStopped as stopped:  # interrupted or diverged: metrics.json says so already
+        print(f"vaekit: {stopped}", file=sys.stderr, flush=True)
+        if not multirun or stopped.exit_code != 1:
+            sys.exit(stopped.exit_code)  # an interrupt also stops the rest of a sweep
+        FAILED_JOBS.append(f"job {hydra_cfg.job.num} ({run_dir}): {stopped}")
+        return None
+    except KeyboardInterrupt:  # the second Ctrl-C: no step finished, last.pt is the last epoch's
+        print(
+            f"\nvaekit: stopped at once; resume from the last completed epoch with: "
+            f"vaekit train resume={run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(130)
     except Exception as error:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _report_failure(run_dir, error, started)
+        _report_failure(run_dir, error, started, record=started_training or not cfg.resume)
         full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
         if full_error or (not multirun and not isinstance(error, VaekitError)):
             raise  # a bug, not bad input (or asked for): Hydra shows where it happened

@@ -1,0 +1,72 @@
+"""The Trainer in-process: roll-back keeps the pre-divergence best model; warm-up schedule."""
+
+import copy
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from vaekit.checkpoint import load_checkpoint
+from vaekit.data import DeviceData
+from vaekit.flatten import FlatParameters
+from vaekit.tb_logger import RunLogger
+from vaekit.train import CONFIG_DIR, build, build_model
+from vaekit.trainer import Diverged, Trainer
+
+
+def make_trainer(run_dir, *overrides):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer.progress=false", "model.latent_dim=4", *overrides])
+    raw = build(cfg.dataset, "dataset")
+    torch.manual_seed(0)
+    model = build_model(cfg, raw)
+    data = DeviceData(raw, torch.device("cpu"), binarize=False)
+    flat = FlatParameters(model)
+    optimizer = build(cfg.optimizer, "optimizer", params=[flat.param])
+    settings = copy.deepcopy(cfg.trainer)
+    return Trainer(model, flat, optimizer, data, settings, run_dir, RunLogger(run_dir), {})
+
+
+def test_divergence_rolls_back_and_keeps_the_best_model_from_before(tmp_path):
+    trainer = make_trainer(tmp_path, "trainer.max_epochs=3", "trainer.patience=100")
+    assert trainer.fit().status == "finished"
+    best_epoch = trainer.state.best_epoch
+    best_before = load_checkpoint(tmp_path / "best.pt")["model"]
+    trainer.settings.max_epochs = 10
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 1e8  # every step from here on blows up
+    with pytest.raises(Diverged, match="after 3 roll-back"):
+        trainer.fit()
+    assert trainer.state.status == "diverged" and trainer.state.rollbacks == 3
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e8 * 0.5**3)
+    best_after = load_checkpoint(tmp_path / "best.pt")
+    assert best_after["fit_state"]["epoch"] == best_epoch <= 3
+    for name, tensor in best_before.items():
+        assert torch.equal(tensor, best_after["model"][name]), name
+    # the model in memory was rolled back to the last good (finite) state, not left diverged
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_kl_warmup_weights_rise_linearly_to_one(tmp_path):
+    trainer = make_trainer(tmp_path, "trainer.kl_warmup_epochs=4")
+    betas = []
+    for epoch in range(6):
+        trainer.state.epoch = epoch
+        betas.append(trainer.beta())
+    assert betas == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_free_bits_change_the_loss_not_the_nelbo(tmp_path):
+    trainer = make_trainer(tmp_path)
+    x = trainer.data.val[:32]
+    torch.manual_seed(3)
+    plain = trainer.model(x)
+    torch.manual_seed(3)
+    floored = trainer.model(x, free_bits=1e3)
+    torch.testing.assert_close(plain.nelbo, floored.nelbo)
+    torch.testing.assert_close(floored.loss, floored.rec + 1e3)  # the KL counts as the floor
+    torch.manual_seed(3)
+    warm = trainer.model(x, beta=0.25)
+    torch.testing.assert_close(warm.loss, warm.rec + 0.25 * warm.kl)
+    assert math.isfinite(plain.loss.mean().item())
