@@ -29,6 +29,7 @@ def test_train_prints_one_final_line_and_writes_metrics(digits_run):
         assert key in metrics, key
     assert metrics["epochs"] == 4 and 1 <= metrics["best_epoch"] <= 4
     assert metrics["status"] == "finished"
+    assert 0 <= metrics["test_active_units_z"] <= 16
     assert math.isclose(metrics["test_nelbo"], metrics["test_rec"] + metrics["test_kl"], rel_tol=1e-5)
     # an importance-weighted bound is tighter than the ELBO (k=8 already, on 447 test images)
     assert metrics["test_iw_nll"] < metrics["test_nelbo"]
@@ -50,6 +51,13 @@ def test_tensorboard_events_hold_curves_images_and_hparams(digits_run):
     assert {"samples", "reconstructions"} <= images
     metrics = json.loads((run_dir / "metrics.json").read_text())
     (_, hparam_nelbo), = scalars["hparam/test_nelbo"]
+    # the Projector: test-set latent means with their labels, at the best epoch
+    assert "latent_means" in (run_dir / "tb" / "projector_config.pbtxt").read_text()
+    folder = run_dir / "tb" / f"{metrics['best_epoch']:05d}" / "latent_means"
+    rows = (folder / "tensors.tsv").read_text().strip().splitlines()
+    assert len(rows) == 447 and len(rows[0].split("\t")) == 16
+    labels = (folder / "metadata.tsv").read_text().split()
+    assert sorted(set(labels)) == [str(d) for d in range(10)]
     assert math.isclose(hparam_nelbo, metrics["test_nelbo"], rel_tol=1e-5)
 
 

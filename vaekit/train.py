@@ -27,7 +27,7 @@ from vaekit.checkpoint import load_checkpoint
 from vaekit.data import DeviceData, RawSplits
 from vaekit.errors import RunStopped, VaekitError
 from vaekit.flatten import FlatParameters
-from vaekit.metrics import bits_per_dim, iw_nll, nelbo_terms
+from vaekit.metrics import active_units, bits_per_dim, iw_nll, nelbo_terms, posterior_means
 from vaekit.resume import register_resolvers, resumed_config
 from vaekit.schema import register_schema
 from vaekit.signals import StopRequest
@@ -101,13 +101,19 @@ def build_model(cfg: DictConfig, raw: RawSplits) -> torch.nn.Module:
     )
 
 
-def evaluate_test(model: torch.nn.Module, data: DeviceData, cfg: DictConfig) -> dict[str, float]:
-    """Test NELBO terms, importance-weighted NLL and bits/dim of the model as it is."""
+def evaluate_test(
+    model: torch.nn.Module, data: DeviceData, cfg: DictConfig, means: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """Test NELBO terms, importance-weighted NLL, bits/dim and active units per level
+    (from the test posterior means `means`) of the model as it is."""
     model.eval()
     terms = nelbo_terms(model, data.test, cfg.trainer.eval_batch_size)
     nll = iw_nll(model, data.test, cfg.eval.iw_samples, cfg.eval.batch_size, cfg.trainer.progress)
     metrics = {f"test_{name.replace('/', '_')}": value for name, value in terms.items()}
     metrics.update(test_iw_nll=nll, test_bpd=bits_per_dim(nll, data.num_dims))
+    if means:
+        counts = active_units(means)
+        metrics.update({f"test_active_units_{level}": n for level, n in counts.items()})
     return metrics
 
 
@@ -213,12 +219,18 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = No
 
 
 def evaluate_best(trainer: Any, cfg: DictConfig, device: torch.device) -> dict[str, float]:
-    """Load best.pt into the trainer's model, log its image grids, evaluate it on test."""
-    model = trainer.model
+    """Load best.pt into the trainer's model, log its image grids and the test latent means
+    (TensorBoard Projector), and evaluate it on the test split."""
+    model, data, step = trainer.model, trainer.data, trainer.state.best_epoch
     model.load_state_dict(load_checkpoint(trainer.run_dir / "best.pt", device)["model"])
+    model.eval()
+    means = posterior_means(model, data.test, cfg.trainer.eval_batch_size)
     if cfg.trainer.log_images:
-        trainer.log_images(trainer.state.best_epoch)  # the grids of the model that is evaluated
-    return evaluate_test(model, trainer.data, cfg)
+        trainer.log_images(step)  # the grids of the model that is evaluated
+        for level, mean in means.items():
+            tag = "latent_means" if len(means) == 1 else f"latent_means_{level}"
+            trainer.logger.embedding(mean, data.test_labels, data.test, step, tag=tag)
+    return evaluate_test(model, data, cfg, means)
 
 
 def summary_line(metrics: dict[str, Any], run_dir: Path) -> str:
