@@ -24,8 +24,16 @@ def test_train_prints_one_final_line_and_writes_metrics(digits_run):
     assert last.startswith("test NELBO") and "IW-NLL (k=8)" in last and "bits/dim" in last
     assert f"run: {run_dir}" in last
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("test_nelbo", "test_rec", "test_kl", "test_iw_nll", "test_bpd", "best_epoch", "epochs",
-                "train_seconds"):
+    for key in (
+        "test_nelbo",
+        "test_rec",
+        "test_kl",
+        "test_iw_nll",
+        "test_bpd",
+        "best_epoch",
+        "epochs",
+        "train_seconds",
+    ):
         assert key in metrics, key
     assert metrics["epochs"] == 4 and 1 <= metrics["best_epoch"] <= 4
     assert metrics["status"] == "finished"
@@ -50,7 +58,7 @@ def test_tensorboard_events_hold_curves_images_and_hparams(digits_run):
     assert all(math.isclose(nelbo[s], rec[s] + kl[s], rel_tol=1e-4) for s in nelbo)
     assert {"samples", "reconstructions"} <= images
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    (_, hparam_nelbo), = scalars["hparam/test_nelbo"]
+    ((_, hparam_nelbo),) = scalars["hparam/test_nelbo"]
     # the Projector: test-set latent means with their labels, at the best epoch
     assert "latent_means" in (run_dir / "tb" / "projector_config.pbtxt").read_text()
     folder = run_dir / "tb" / f"{metrics['best_epoch']:05d}" / "latent_means"
@@ -87,20 +95,37 @@ def test_help_and_cfg_behave_as_in_hydra(tmp_path):
 
 def test_multirun_sweep_writes_one_run_per_job(tmp_path):
     sweep = tmp_path / "sweep"
-    done = run_vaekit("train", "-m", "model.latent_dim=2,3", "trainer.max_epochs=2", *FAST[1:],
-                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    done = run_vaekit(
+        "train",
+        "-m",
+        "model.latent_dim=2,3",
+        "trainer.max_epochs=2",
+        *FAST[1:],
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     for job, latent in (("0", 2), ("1", 3)):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert metrics["epochs"] == 2
-        assert torch.load(sweep / job / "best.pt", weights_only=True)["config"]["model"]["latent_dim"] == latent
+        assert (
+            torch.load(sweep / job / "best.pt", weights_only=True)["config"]["model"]["latent_dim"] == latent
+        )
 
 
 def test_mnist_from_idx_files_with_bernoulli_likelihood(tmp_path, fake_mnist):
     run_dir = tmp_path / "run"
-    done = run_vaekit("train", "dataset=mnist", f"dataset.root={fake_mnist}", "dataset.val_size=20",
-                      "trainer.max_epochs=2", "trainer.batch_size=32", *FAST[1:],
-                      f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    done = run_vaekit(
+        "train",
+        "dataset=mnist",
+        f"dataset.root={fake_mnist}",
+        "dataset.val_size=20",
+        "trainer.max_epochs=2",
+        "trainer.batch_size=32",
+        *FAST[1:],
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = torch.load(run_dir / "best.pt", weights_only=True)["config"]
@@ -120,7 +145,10 @@ BAD_INPUTS = [
     (["eval.iw_samples=0"], "eval.iw_samples must be at least 1"),
     (["dataset=mnist", "dataset.root=nowhere"], "MNIST not found: put train-images-idx3-ubyte"),
     (["likelihood.num_vals=4"], "likelihood.num_vals=4 does not divide"),
-    (["trainer.device=cuda:7"] if not torch.cuda.is_available() else ["trainer.device=tpu"], "trainer.device="),
+    (
+        ["trainer.device=cuda:7"] if not torch.cuda.is_available() else ["trainer.device=tpu"],
+        "trainer.device=",
+    ),
 ]
 
 
@@ -137,6 +165,8 @@ def test_bad_input_failure_is_recorded_in_the_run_directory(tmp_path):
     run_dir = tmp_path / "run"
     done = run_vaekit("train", "model.latent_dim=0", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1] == "vaekit: error: model.latent_dim must be at least 1, not 0."
+    assert (
+        done.stderr.strip().splitlines()[-1] == "vaekit: error: model.latent_dim must be at least 1, not 0."
+    )
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "failed" and "latent_dim" in record["reason"]

@@ -12,14 +12,25 @@ import torch
 from conftest import read_events, run_vaekit, vaekit_executable
 
 # Small but not trivial: long enough to be killed mid-run, short enough for CI.
-RUN = ["trainer.max_epochs=12", "trainer.patience=100", "eval.iw_samples=16", "trainer.progress=false",
-       "model.latent_dim=4"]
+RUN = [
+    "trainer.max_epochs=12",
+    "trainer.patience=100",
+    "eval.iw_samples=16",
+    "trainer.progress=false",
+    "model.latent_dim=4",
+]
 
 
 def start_vaekit(*args: str, cwd: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.Popen([vaekit_executable(), *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [vaekit_executable(), *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_for_epoch(run_dir: Path, epoch: int, proc: subprocess.Popen, timeout: float = 300) -> int:
@@ -108,8 +119,15 @@ def test_resume_refuses_changes_to_what_is_trained_but_extends(reference, tmp_pa
 
 def test_a_huge_learning_rate_rolls_back_then_gives_up(tmp_path):
     run_dir = tmp_path / "run"
-    done = run_vaekit("train", "optimizer.lr=10", "trainer.max_epochs=5", "eval.iw_samples=4",
-                      "trainer.progress=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    done = run_vaekit(
+        "train",
+        "optimizer.lr=10",
+        "trainer.max_epochs=5",
+        "eval.iw_samples=4",
+        "trainer.progress=false",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert done.returncode == 1
     output = done.stdout + done.stderr
     assert "rolled back" in output and "learning rate now 2.5" in output
@@ -124,8 +142,16 @@ def test_a_huge_learning_rate_rolls_back_then_gives_up(tmp_path):
 
 def test_a_sweep_with_a_failing_job_finishes_the_others(tmp_path):
     sweep = tmp_path / "sweep"
-    done = run_vaekit("train", "-m", "model.latent_dim=2,0,3", "trainer.max_epochs=2", "eval.iw_samples=4",
-                      "trainer.progress=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    done = run_vaekit(
+        "train",
+        "-m",
+        "model.latent_dim=2,0,3",
+        "trainer.max_epochs=2",
+        "eval.iw_samples=4",
+        "trainer.progress=false",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert done.returncode == 1
     assert "1 sweep job(s) failed" in done.stderr and "Traceback" not in done.stderr
     statuses = [json.loads((sweep / job / "metrics.json").read_text())["status"] for job in "012"]

@@ -1,8 +1,11 @@
-"""The `vaekit` command: dispatches subcommands (train is a Hydra app)."""
+"""The `vaekit` command: dispatches subcommands (train is a Hydra app; the others use argparse)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 USAGE = """usage: vaekit <command> [arguments]
 
@@ -12,11 +15,178 @@ commands:
               vaekit train -m model.latent_dim=8,16      # multirun sweep
               vaekit train --help                         # groups, options, settings
               vaekit train --cfg job                      # the composed config
+  evaluate  NELBO, importance-weighted NLL, bits/dim and active units of a run's best.pt:
+              vaekit evaluate outputs/2024-05-01/12-00-00 --k 5000
+  sample    PNG figures of a run: prior samples, --reconstruct, --interpolate,
+            and for 2-D latents --manifold and --scatter:
+              vaekit sample RUN_DIR --n 64 --temperature 0.8
+  report    compare every run under a folder (markdown table, report.csv, report_curves.png):
+              vaekit report outputs/multirun/2024-05-01/12-00-00
 
 Runs land in outputs/; watch them with: tensorboard --logdir outputs
+`vaekit <command> --help` describes each command's options.
 """
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "evaluate", "sample", "report")
+
+
+def _evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vaekit evaluate",
+        description=(
+            "Evaluate a run's best.pt on the test (or validation) split: NELBO, importance-weighted "
+            "NLL with k samples (Burda et al., 2016), bits/dim and active units. Prints a table and "
+            "writes eval_<split>_k<k>.json into the run directory. Same --seed, same numbers."
+        ),
+    )
+    parser.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="a run directory that vaekit train wrote"
+    )
+    parser.add_argument("--k", type=int, default=5000, help="importance samples per example (default 5000)")
+    parser.add_argument(
+        "--split", choices=("test", "val"), default="test", help="split to evaluate (default test)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=500, help="examples per batch; memory stays bounded (default 500)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _sample_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vaekit sample",
+        description=(
+            "Draw a PNG figure of a run's best.pt: a grid of prior samples (default), test images "
+            "beside their reconstructions, interpolations between test images in latent space, or, "
+            "for 2-D latents, the decoded latent manifold or a scatter of test-set latent means."
+        ),
+        epilog=(
+            "--temperature T scales a Gaussian prior sample around the prior mean, z = m + T (z0 - m), "
+            "i.e. N(m, T^2 S); for a Gaussian mixture (prior=mog) each sample is scaled around the mean "
+            "of the component it was drawn from. Other priors (flows, the sphere) refuse T != 1."
+        ),
+    )
+    parser.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="a run directory that vaekit train wrote"
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--reconstruct",
+        dest="mode",
+        action="store_const",
+        const="reconstruct",
+        help="rows of test images over rows of their reconstructions",
+    )
+    mode.add_argument(
+        "--interpolate",
+        dest="mode",
+        action="store_const",
+        const="interpolate",
+        help="rows of decodings between two test images' latent means (great circle on the sphere)",
+    )
+    mode.add_argument(
+        "--manifold",
+        dest="mode",
+        action="store_const",
+        const="manifold",
+        help="2-D latents: decodings on a grid of prior quantiles over the latent plane",
+    )
+    mode.add_argument(
+        "--scatter",
+        dest="mode",
+        action="store_const",
+        const="scatter",
+        help="2-D latents: test-set posterior means coloured by label",
+    )
+    parser.set_defaults(mode="samples")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="samples (default 64), test images to reconstruct (32) or interpolation rows (8)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="points per interpolation (default 10) or manifold grid side (default 20)",
+    )
+    parser.add_argument("--temperature", type=float, default=None, help="prior temperature (default 1)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="PNG file to write (default RUN_DIR/<mode>.png)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda")
+    return parser
+
+
+def _report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vaekit report",
+        description=(
+            "Compare every run under DIR (a multirun folder or outputs/): prints a markdown table of "
+            "each run's overrides, status and final metrics sorted by test IW-NLL, writes DIR/report.csv "
+            "and DIR/report_curves.png (validation NELBO against epoch). Failed and unfinished runs "
+            "are listed with their status."
+        ),
+    )
+    parser.add_argument("dir", type=Path, metavar="DIR", help="a folder holding runs")
+    return parser
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from vaekit.evaluate import evaluate_run, format_table
+
+    result = evaluate_run(
+        args.run_dir, args.k, args.split, args.batch_size, args.seed, args.device, not args.no_progress
+    )
+    print(format_table(result))
+    print(f"\nwrote {result['path']}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from vaekit.sample import sample_figure
+
+    path = sample_figure(
+        args.run_dir, args.mode, args.n, args.out, args.temperature, args.steps, args.seed, args.device
+    )
+    print(f"wrote {path}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from vaekit.report import report
+
+    table, csv_path, png_path = report(args.dir)
+    print(table)
+    print(f"\nwrote {csv_path} and {png_path}")
+
+
+TOOLS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argparse.Namespace], None]]] = {
+    "evaluate": (_evaluate_parser, _evaluate),
+    "sample": (_sample_parser, _sample),
+    "report": (_report_parser, _report),
+}
+
+
+def run_tool(command: str, rest: list[str]) -> None:
+    """Parse one argparse subcommand and run it; a VaekitError is one line on stderr, exit 1."""
+    make_parser, handler = TOOLS[command]
+    args = make_parser().parse_args(rest)  # exits 2 with usage on bad syntax; 0 on --help
+    from vaekit.errors import VaekitError
+
+    try:
+        handler(args)
+    except VaekitError as error:
+        print(f"vaekit: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("vaekit: interrupted.", file=sys.stderr)
+        sys.exit(130)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"vaekit: unknown command '{command}' (choose from: {', '.join(COMMANDS)}).", file=sys.stderr)
         print(USAGE, end="", file=sys.stderr)
         sys.exit(2)
+    if command != "train":
+        run_tool(command, rest)
+        return
     from vaekit import train  # deferred: imports torch and Hydra
 
     sys.argv = [f"{sys.argv[0]} {command}", *rest]

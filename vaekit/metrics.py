@@ -61,14 +61,3 @@ def active_units(means: Tensor | Mapping[str, Tensor], threshold: float = 0.01) 
         counts[level] = int((variance > threshold).sum())
     return counts
 
-
-@torch.no_grad()
-def posterior_means(model: nn.Module, x: Tensor, batch_size: int) -> dict[str, Tensor]:
-    """E_q[z] of every latent level for the examples x: level -> (N, L_level).
-
-    Uses the model's `posterior_means(x)`; an empty dict for models that do not offer it.
-    """
-    if not hasattr(model, "posterior_means"):
-        return {}
-    parts = [model.posterior_means(xb) for xb in batches(x, batch_size)]
-    return {level: torch.cat([p[level] for p in parts]) for level in parts[0]}

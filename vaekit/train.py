@@ -27,7 +27,8 @@ from vaekit.checkpoint import load_checkpoint
 from vaekit.data import DeviceData, RawSplits
 from vaekit.errors import RunStopped, VaekitError
 from vaekit.flatten import FlatParameters
-from vaekit.metrics import active_units, bits_per_dim, iw_nll, nelbo_terms, posterior_means
+from vaekit.latents import posterior_means
+from vaekit.metrics import active_units, bits_per_dim, iw_nll, nelbo_terms
 from vaekit.resume import register_resolvers, resumed_config
 from vaekit.schema import register_schema
 from vaekit.signals import StopRequest

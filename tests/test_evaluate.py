@@ -1,0 +1,177 @@
+"""`vaekit evaluate`: numbers of a trained run, determinism, active units, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, run_vaekit
+
+from vaekit import cli, evaluate
+from vaekit.errors import VaekitError
+from vaekit.evaluate import evaluate_run, iw_nll_chunked
+from vaekit.metrics import active_units
+
+RESULT_KEYS = {
+    "run_dir", "checkpoint", "epoch", "split", "num_examples", "k", "seed", "batch_size", "device",
+    "nelbo", "rec", "kl", "kl_z", "iw_nll", "bpd", "nelbo_bpd", "active_units", "active_units_total",
+    "latent_dims",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny digits run with a 2-D latent, trained by the real command."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    run = tmp / "run"
+    done = run_vaekit("train", *FAST, "model.latent_dim=2", f"hydra.run.dir={run}", cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+def cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run `vaekit <argv>` in-process; assert exit 1 and return its one stderr line."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(list(argv))
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("vaekit: error: ")
+    return lines[0]
+
+
+def test_evaluate_command_prints_a_table_and_writes_json(run_dir: Path):
+    done = run_vaekit("evaluate", str(run_dir), "--k", "50", "--seed", "3", cwd=run_dir.parent)
+    assert done.returncode == 0, done.stderr
+    assert "| IW-NLL, k=50 (nats)" in done.stdout and "| active units" in done.stdout
+    result = json.loads((run_dir / "eval_test_k50.json").read_text())
+    assert set(result) == RESULT_KEYS
+    assert result["split"] == "test" and result["num_examples"] == 447 and result["k"] == 50
+    assert result["latent_dims"] == {"z": 2} and 0 <= result["active_units"]["z"] <= 2
+    assert math.isclose(result["nelbo"], result["rec"] + result["kl"], rel_tol=1e-5)
+    # the IW bound is tighter than the ELBO (both averaged over 447 examples: tiny noise)
+    assert result["iw_nll"] <= result["nelbo"] + 0.05
+    assert math.isclose(result["bpd"], result["iw_nll"] / (64 * math.log(2)))
+    # in-process, same seed: byte-identical file; the CLI and the function agree
+    json_before = (run_dir / "eval_test_k50.json").read_bytes()
+    again = evaluate_run(run_dir, k=50, seed=3, device=result["device"], progress=False)
+    assert (run_dir / "eval_test_k50.json").read_bytes() == json_before
+    assert again["iw_nll"] == result["iw_nll"] and again["nelbo"] == result["nelbo"]
+
+
+def test_seed_changes_the_draws_and_val_split_works(run_dir: Path):
+    a = evaluate_run(run_dir, k=20, seed=0, device="cpu", progress=False)
+    b = evaluate_run(run_dir, k=20, seed=1, device="cpu", progress=False)
+    assert a["iw_nll"] != b["iw_nll"] and abs(a["iw_nll"] - b["iw_nll"]) < 1.0
+    val = evaluate_run(run_dir, k=20, split="val", seed=0, device="cpu", progress=False, batch_size=64)
+    assert val["num_examples"] == 350 and (run_dir / "eval_val_k20.json").is_file()
+    # the NELBO stage is seeded on its own: k does not change it
+    assert evaluate_run(run_dir, k=1, seed=0, device="cpu", progress=False)["nelbo"] == a["nelbo"]
+
+
+class CountingModel(torch.nn.Module):
+    """log_likelihood(x, k) over a fixed, known sequence of log-weights (no randomness)."""
+
+    def __init__(self, log_weights: torch.Tensor) -> None:
+        super().__init__()
+        self.log_weights = log_weights  # (K, B)
+        self.used = 0
+
+    def log_likelihood(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        chunk = self.log_weights[self.used : self.used + k, : x.shape[0]]
+        self.used += k
+        return torch.logsumexp(chunk, dim=0) - math.log(k)
+
+
+@pytest.mark.parametrize("k_chunk", [1, 7, 100])
+def test_chunked_iw_estimate_combines_chunks_exactly(monkeypatch, k_chunk):
+    monkeypatch.setattr(evaluate, "K_CHUNK", k_chunk)
+    log_weights = torch.randn(30, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    x = torch.zeros(5, 1)
+    estimate = iw_nll_chunked(CountingModel(log_weights), x, 30, batch_size=5, progress=False)
+    exact = -(torch.logsumexp(log_weights, 0) - math.log(30)).mean().item()
+    assert math.isclose(estimate, exact, rel_tol=1e-9)
+
+
+def test_active_units_counts_units_whose_mean_moves_with_x():
+    generator = torch.Generator().manual_seed(0)
+    n = 2000
+    means = torch.stack(
+        [
+            torch.randn(n, generator=generator),  # variance 1: active
+            0.05 * torch.randn(n, generator=generator),  # variance 0.0025: inactive
+            torch.full((n,), 3.0),  # constant: collapsed
+            0.2 * torch.randn(n, generator=generator),  # variance 0.04: active
+        ],
+        dim=1,
+    )
+    assert active_units(means) == {"z": 2}
+    assert active_units({"z1": means, "z2": means[:, :1]}) == {"z1": 2, "z2": 1}
+    assert active_units(means, threshold=0.001) == {"z": 3}
+    with pytest.raises(ValueError):
+        active_units(means[:1])
+
+
+def test_bad_arguments_and_folders_give_one_sentence(run_dir: Path, tmp_path: Path, capsys):
+    line = cli_error(capsys, "evaluate", str(run_dir), "--k", "0")
+    assert line == "vaekit: error: --k must be at least 1, not 0."
+    assert "--batch-size must be at least 1" in cli_error(
+        capsys, "evaluate", str(run_dir), "--batch-size", "0"
+    )
+    (tmp_path / "plain").mkdir()
+    assert "is not a vaekit run directory" in cli_error(capsys, "evaluate", str(tmp_path / "plain"))
+    assert "does not exist" in cli_error(capsys, "evaluate", str(tmp_path / "nowhere"))
+    no_best = tmp_path / "no_best"
+    shutil.copytree(run_dir / ".hydra", no_best / ".hydra")
+    assert "has no best.pt" in cli_error(capsys, "evaluate", str(no_best))
+    assert "holds 1 run(s)" in cli_error(capsys, "evaluate", str(run_dir.parent))
+    with pytest.raises(VaekitError, match="--split must be one of"):
+        evaluate_run(run_dir, split="train")
+
+
+class MakesMarker:
+    """Unpickling this would create a marker file, if anyone allowed it to run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def bad_run(tmp_path: Path, name: str, run_dir: Path, payload: bytes) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(run_dir / ".hydra", folder / ".hydra")
+    (folder / "best.pt").write_bytes(payload)
+    return folder
+
+
+def test_corrupt_and_crafted_checkpoints_are_refused_without_running_code(run_dir: Path, tmp_path: Path):
+    marker = tmp_path / "MARKER"
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"config": {}, "model": MakesMarker(marker)}, crafted)  # torch's zip format
+    good = (run_dir / "best.pt").read_bytes()
+    cases = {
+        "truncated": (good[: len(good) // 2], "is not a readable vaekit checkpoint"),
+        "crafted": (crafted.read_bytes(), "will not unpickle, since they could run code"),
+        "raw_pickle": (pickle.dumps(MakesMarker(marker)), "will not unpickle, since they could run code"),
+    }
+    for name, (payload, message) in cases.items():
+        folder = bad_run(tmp_path, name, run_dir, payload)
+        done = run_vaekit("evaluate", str(folder), "--k", "2", cwd=tmp_path)
+        assert done.returncode == 1, (name, done.stdout, done.stderr)
+        assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr  # one line
+        assert done.stderr.startswith("vaekit: error: ") and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+        assert not marker.exists(), f"{name}: unpickling ran code"
+    # not a dict / no config: still one sentence (in-process, no need for a subprocess)
+    folder = bad_run(tmp_path, "tensor_only", run_dir, b"")
+    torch.save(torch.zeros(3), folder / "best.pt")
+    with pytest.raises(VaekitError, match="holds no saved config"):
+        evaluate_run(folder, k=2)
