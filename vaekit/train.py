@@ -182,6 +182,8 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = No
     resumed_epoch = checkpoint["fit_state"]["epoch"] if checkpoint else None
     logger = RunLogger(run_dir, purge_step=None if resumed_epoch is None else resumed_epoch + 1)
     config = OmegaConf.to_container(cfg, resolve=True)
+    if config["dataset"].get("root"):  # so evaluate/sample/resume find the data from anywhere
+        config["dataset"]["root"] = str(Path(config["dataset"]["root"]).expanduser().resolve())
     trainer = Trainer(model, flat, optimizer, data, cfg.trainer, run_dir, logger, config)
     if checkpoint is not None:
         trainer.restore(checkpoint)
