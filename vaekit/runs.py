@@ -70,19 +70,9 @@ def require_run_dir(path: Path) -> Path:
 
 def resolve_device(name: str) -> torch.device:
     """--device: 'auto' -> cuda when available, else cpu; anything else must be usable here."""
-    import torch
+    from vaekit.train import resolve_device as resolve
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise VaekitError(f"--device {name} is not a device name (try auto, cpu or cuda).") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VaekitError(f"--device {name} was asked for, but no CUDA GPU is available here.")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise VaekitError(f"--device {name} was asked for, but MPS is not available here.")
-    return device
+    return resolve(name, "--device")
 
 
 def _first_sentence(error: BaseException) -> str:

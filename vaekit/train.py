@@ -42,18 +42,22 @@ CONFIG_DIR = PACKAGE_CONFIGS if PACKAGE_CONFIGS.is_dir() else SOURCE_CONFIGS
 FAILED_JOBS: list[str] = []  # sweep jobs that failed, reported by the CLI at the end
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else must be usable here."""
+def resolve_device(name: str, option: str = "trainer.device") -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else must be usable here.
+
+    `option` names the setting in error messages (trainer.device=..., or --device ...).
+    """
+    said = f"{option}={name}" if option.startswith("trainer") else f"{option} {name}"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise VaekitError(f"trainer.device={name} is not a device name (try auto, cpu or cuda).") from error
+        raise VaekitError(f"{said} is not a device name (try auto, cpu or cuda).") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise VaekitError(f"trainer.device={name} was asked for, but no CUDA GPU is available here.")
+        raise VaekitError(f"{said} was asked for, but no CUDA GPU is available here.")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise VaekitError(f"trainer.device={name} was asked for, but MPS is not available here.")
+        raise VaekitError(f"{said} was asked for, but MPS is not available here.")
     return device
 
 
