@@ -16,6 +16,7 @@ from torch.distributions import Distribution
 
 from vaekit.distributions import kl_term
 from vaekit.errors import VaekitError
+from vaekit.latents import mean_of
 from vaekit.likelihoods import Likelihood
 from vaekit.posteriors import Posterior
 from vaekit.priors import Prior
@@ -75,6 +76,21 @@ def _mean_or_sample(q: Distribution) -> Tensor:
         return q.mean
     except NotImplementedError:  # e.g. flow posteriors have no closed-form mean
         return q.rsample()
+
+
+def iw_log_likelihood(
+    log_weights: Callable[[Tensor, int], Tensor], x: Tensor, k: int, outputs_per_example: int
+) -> Tensor:
+    """Importance-weighted estimate of log p(x) (Burda et al., 2016), shape (B,).
+
+    log p(x) ~= logsumexp_j log w_j - log k, with log_weights(x, k) -> log w (k, B) =
+    log p(x, z_j) - log q(z_j|x) over all latent levels jointly. Samples are drawn in chunks
+    so at most IW_CHUNK_ELEMENTS decoder outputs (outputs_per_example per example and
+    sample) live at once, whatever k and B are. Shared by every model in vaekit.
+    """
+    chunk = max(1, IW_CHUNK_ELEMENTS // (x.shape[0] * outputs_per_example))
+    parts = [log_weights(x, min(chunk, k - start)) for start in range(0, k, chunk)]
+    return torch.logsumexp(torch.cat(parts), dim=0) - math.log(k)
 
 
 class VAE(nn.Module):
@@ -146,7 +162,10 @@ class VAE(nn.Module):
         log p(x) ~= logsumexp_j [log p(x, z_j) - log q(z_j|x)] - log k, z_j ~ q(z|x).
         Samples are drawn in chunks so at most IW_CHUNK_ELEMENTS decoder outputs live at once.
         """
-        per_sample = x.shape[0] * math.prod(self.data_shape) * self.likelihood.num_params
-        chunk = max(1, IW_CHUNK_ELEMENTS // per_sample)
-        parts = [self.log_weights(x, min(chunk, k - start)) for start in range(0, k, chunk)]
-        return torch.logsumexp(torch.cat(parts), dim=0) - math.log(k)
+        outputs = math.prod(self.data_shape) * self.likelihood.num_params
+        return iw_log_likelihood(self.log_weights, x, k, outputs)
+
+    @torch.no_grad()
+    def posterior_means(self, x: Tensor) -> dict[str, Tensor]:
+        """E_q[z|x] for x (B, *shape): {"z": (B, L)}, the input of the active-units count."""
+        return {"z": mean_of(self.q_z(x))}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vaekit.errors import VaekitError
@@ -47,6 +48,27 @@ def mlp(sizes: list[int], final_activation: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class BatchNorm1d(nn.BatchNorm1d):
+    """nn.BatchNorm1d that normalises a one-example training batch with its running statistics
+    (batch statistics of one example are undefined; the trainer's last batch can be that small)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.shape[0] == 1:
+            stats = (self.running_mean, self.running_var)
+            return F.batch_norm(x, *stats, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+def bn_mlp(sizes: list[int], final_activation: bool) -> nn.Sequential:
+    """Like `mlp`, with BatchNorm (Ioffe & Szegedy, 2015) before every hidden activation."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out))
+        if final_activation or i < len(sizes) - 2:
+            layers += [BatchNorm1d(n_out), nn.LeakyReLU()]
+    return nn.Sequential(*layers)
+
+
 class MLPNets:
     """Fully connected nets with `num_layers` hidden layers of `hidden_dim` units."""
 
@@ -66,6 +88,25 @@ class MLPNets:
         sizes = [latent_dim] + [self.hidden_dim] * self.num_layers
         sizes.append(math.prod(shape) * num_params)
         return nn.Sequential(mlp(sizes, final_activation=False), Reshape(*shape, num_params))
+
+    # Parts with BatchNorm, for the hierarchical models (vaekit.hierarchical): with several
+    # levels of Gaussians, normalised features keep the top levels in use and train faster.
+
+    def bn_encoder(self, shape: tuple[int, ...]) -> nn.Module:
+        """Like `encoder`, with BatchNorm in every hidden layer: x (B, *shape) -> h (B, hidden_dim)."""
+        sizes = [math.prod(shape)] + [self.hidden_dim] * self.num_layers
+        return nn.Sequential(nn.Flatten(), bn_mlp(sizes, final_activation=True))
+
+    def bn_decoder(self, latent_dim: int, shape: tuple[int, ...], num_params: int) -> nn.Module:
+        """Like `decoder`, with BatchNorm in every hidden layer: z (B, L) -> (B, *shape, num_params)."""
+        sizes = [latent_dim] + [self.hidden_dim] * self.num_layers + [math.prod(shape) * num_params]
+        return nn.Sequential(bn_mlp(sizes, final_activation=False), Reshape(*shape, num_params))
+
+    def bn_vector_net(self, in_dim: int, out_dim: int | None = None) -> nn.Module:
+        """Small net on flat vectors (latent-to-latent maps, heads, residual branches): one
+        hidden layer of `hidden_dim` with BatchNorm; (B, in_dim) -> (B, out_dim), or the
+        activated hidden layer (B, hidden_dim) when out_dim is None."""
+        return bn_mlp([in_dim, self.hidden_dim] + ([] if out_dim is None else [out_dim]), out_dim is None)
 
 
 class ConvNets:
@@ -115,3 +156,40 @@ class ConvNets:
             nn.ConvTranspose2d(ch, c * num_params, 4, stride=2, padding=1),
             ChannelsLast(c, num_params),
         )
+
+    # Parts with BatchNorm, for the hierarchical models (see MLPNets).
+
+    def bn_encoder(self, shape: tuple[int, ...]) -> nn.Module:
+        """Like `encoder`, with BatchNorm after every hidden layer: x (B, C, H, W) -> h (B, hidden_dim)."""
+        c, h, w = self._check(shape)
+        ch = self.channels
+        return nn.Sequential(
+            nn.Conv2d(c, ch, 4, stride=2, padding=1),
+            nn.BatchNorm2d(ch),
+            nn.LeakyReLU(),
+            nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1),
+            nn.BatchNorm2d(2 * ch),
+            nn.LeakyReLU(),
+            nn.Flatten(),
+            bn_mlp([2 * ch * (h // 4) * (w // 4), self.hidden_dim], final_activation=True),
+        )
+
+    def bn_decoder(self, latent_dim: int, shape: tuple[int, ...], num_params: int) -> nn.Module:
+        """Like `decoder`, with BatchNorm after every hidden layer: z (B, L) -> (B, C, H, W, num_params)."""
+        c, h, w = self._check(shape)
+        ch = self.channels
+        return nn.Sequential(
+            bn_mlp([latent_dim, self.hidden_dim, 2 * ch * (h // 4) * (w // 4)], final_activation=True),
+            Reshape(2 * ch, h // 4, w // 4),
+            nn.ConvTranspose2d(2 * ch, ch, 4, stride=2, padding=1),
+            nn.BatchNorm2d(ch),
+            nn.LeakyReLU(),
+            nn.ConvTranspose2d(ch, c * num_params, 4, stride=2, padding=1),
+            ChannelsLast(c, num_params),
+        )
+
+    def bn_vector_net(self, in_dim: int, out_dim: int | None = None) -> nn.Module:
+        """Small net on flat vectors (the latents are vectors even when x is an image): one
+        hidden layer of `hidden_dim` with BatchNorm; (B, in_dim) -> (B, out_dim), or the
+        activated hidden layer (B, hidden_dim) when out_dim is None."""
+        return bn_mlp([in_dim, self.hidden_dim] + ([] if out_dim is None else [out_dim]), out_dim is None)
