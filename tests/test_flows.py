@@ -226,6 +226,7 @@ def test_iaf_steps_share_weights_across_data_points_and_invert():
         (SylvesterPosterior, {"kind": "householder", "num_householder": 0}, "num_householder"),
         (IAFPosterior, {"made_layers": 0}, "posterior.made_layers must be at least 1"),
         (IAFPosterior, {"context_dim": 0}, "posterior.context_dim must be at least 1"),
+        (IAFPosterior, {"gate_bias": float("nan")}, "posterior.gate_bias must be a finite number"),
     ],
 )
 def test_bad_flow_settings_are_refused_in_one_sentence(posterior, kwargs, message):

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
-# Added to the gate's pre-activation so sigma = sigmoid(s + 2) ~ 0.88 at initialisation: each
-# step starts close to the identity (Kingma et al., 2016, Sec. 4; pyro's sigmoid_bias).
-SIGMOID_BIAS = 2.0
+# Added to the gate's pre-activation so sigma = sigmoid(s + 4) ~ 0.98 at initialisation and each
+# step starts close to the identity (Kingma et al., 2016, Sec. 4, advise a positive bias). With
+# pyro's 2 (sigma ~ 0.88) four steps shrink z by 0.6, which under Adam slows the encoder's mean by
+# as much: on MNIST that IAF trailed the Gaussian posterior by 3.6 nats after 3 epochs, with 4 by 0.9.
+GATE_BIAS = 4.0
 
 
 class TransformModule(Transform, nn.Module):
@@ -83,20 +85,21 @@ class MADE(nn.Module):
 class AffineAutoregressive(TransformModule):
     """One IAF step (Kingma et al., 2016, Alg. 1, the numerically stable LSTM-type update):
 
-        [m, s] = MADE(x, h),  sigma = sigmoid(s + SIGMOID_BIAS),  y = sigma * x + (1 - sigma) * m
+        [m, s] = MADE(x, h),  sigma = sigmoid(s + gate_bias),  y = sigma * x + (1 - sigma) * m
 
     dy/dx is triangular in the MADE's order with diagonal sigma: log|det| = sum_i log sigma_i.
     x (*S, *B, L), context h (*B, C). The inverse is sequential: L passes of the MADE.
     """
 
-    def __init__(self, made: MADE, context: Tensor) -> None:
+    def __init__(self, made: MADE, context: Tensor, gate_bias: float = GATE_BIAS) -> None:
         super().__init__()
         self.made = made
         self.context = context
+        self.gate_bias = gate_bias
 
     def _gate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         m, s = self.made(x, self.context)
-        gate = s + SIGMOID_BIAS
+        gate = s + self.gate_bias
         return m, torch.sigmoid(gate), F.logsigmoid(gate)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,11 +128,18 @@ class ConditionalAffineAutoregressive(nn.Module):
     """The parameters of one IAF step; `condition(h)` gives the step for context h (*B, C)."""
 
     def __init__(
-        self, latent_dim: int, context_dim: int, hidden_dim: int, num_layers: int, reverse: bool
+        self,
+        latent_dim: int,
+        context_dim: int,
+        hidden_dim: int,
+        num_layers: int,
+        reverse: bool,
+        gate_bias: float = GATE_BIAS,
     ) -> None:
         super().__init__()
         self.made = MADE(latent_dim, context_dim, hidden_dim, num_layers, reverse)
+        self.gate_bias = gate_bias
 
     def condition(self, context: Tensor) -> AffineAutoregressive:
         """The transform x -> y of this step for the given context (shares this MADE)."""
-        return AffineAutoregressive(self.made, context)
+        return AffineAutoregressive(self.made, context, self.gate_bias)

@@ -8,12 +8,14 @@ power_spherical), which pair with prior=uniform_sphere.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
-from vaekit.autoregressive import ConditionalAffineAutoregressive
+from vaekit.autoregressive import GATE_BIAS, ConditionalAffineAutoregressive
 from vaekit.distributions import PowerSpherical, VonMisesFisher
 from vaekit.errors import VaekitError
 from vaekit.flows import (
@@ -161,8 +163,8 @@ class IAFPosterior(Posterior):
     """q_K(z|x) with inverse autoregressive flow (Kingma et al., 2016): the encoder gives mu,
     log sigma^2 and a context c(h) (context_dim); `num_flows` IAF steps, each a MADE with
     `made_layers` hidden layers of `made_hidden` units that takes c as an extra input, the
-    variable order reversed between steps. The flow's weights are shared by all x; only the
-    context depends on x. Batch (B,), event (L,).
+    variable order reversed between steps, and gates sigmoid(s + gate_bias). The flow's weights
+    are shared by all x; only the context depends on x. Batch (B,), event (L,).
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class IAFPosterior(Posterior):
         context_dim: int = 64,
         made_hidden: int = 128,
         made_layers: int = 2,
+        gate_bias: float = GATE_BIAS,
     ) -> None:
         super().__init__(hidden_dim, latent_dim)
         sizes = (num_flows, context_dim, made_hidden, made_layers)
@@ -180,10 +183,14 @@ class IAFPosterior(Posterior):
             ("num_flows", "context_dim", "made_hidden", "made_layers"), sizes, strict=True
         ):
             _at_least(name, value, 1)
+        if not math.isfinite(gate_bias):
+            raise VaekitError(f"posterior.gate_bias must be a finite number, not {gate_bias}.")
         self.context_dim = context_dim
         self.head = nn.Linear(hidden_dim, 2 * latent_dim + context_dim)
         self.steps = nn.ModuleList(
-            ConditionalAffineAutoregressive(latent_dim, context_dim, made_hidden, made_layers, step % 2 == 1)
+            ConditionalAffineAutoregressive(
+                latent_dim, context_dim, made_hidden, made_layers, step % 2 == 1, gate_bias
+            )
             for step in range(num_flows)
         )
 

@@ -63,7 +63,10 @@ class TrainConfig:
 
 def _last_size(sizes: Any) -> int:
     """`${vaekit_last:${.latent_dims}}`: the last entry of a list of sizes (0 if empty, which
-    the prior then refuses), e.g. the top latent size of a hierarchical model."""
+    the prior then refuses), e.g. the top latent size of a hierarchical model. A single number
+    passes through, so the model can refuse it in its own words."""
+    if isinstance(sizes, (int, float, str)):
+        return int(sizes)
     return int(sizes[-1]) if len(sizes) else 0
 
 
