@@ -55,7 +55,7 @@ class QuantizedCategorical(Distribution):
     @property
     def mean(self) -> Tensor:
         """Expected level in [0, 1], shape (*batch, *event)."""
-        levels = torch.linspace(0, 1, self.num_vals, device=self.logits.device)
+        levels = torch.linspace(0, 1, self.num_vals, device=self.logits.device, dtype=self.logits.dtype)
         return self.probs @ levels
 
     def sample(self, sample_shape: torch.Size = _NO_SAMPLE_DIMS) -> Tensor:
