@@ -127,14 +127,14 @@ class MixtureOfGaussiansPrior(Prior):
         log p(z) = logsumexp_k [log pi_k + log N(z; mu_k, diag(exp(log_var_k)))]
 
     Each component is a joint Gaussian on R^L (not a product of per-dimension mixtures).
-    Means start at N(0, init_scale^2) draws, standard deviations at init_std, weights equal:
-    components narrower than the spread of their means specialise, where wide ones overlap
-    into one broad blob that learns little beyond N(0, I).
+    Means start at N(0, init_scale^2) draws, standard deviations at init_std, weights equal.
+    Keep init_std near 1 for large L: a narrow component is far (in KL, linearly in L) from the
+    unit-variance posteriors of unused latent dimensions, which then cost nats until it widens.
     Parameters: means, log_vars (K, L), logits (K,).
     """
 
     def __init__(
-        self, latent_dim: int, num_components: int = 16, init_scale: float = 1.0, init_std: float = 0.5
+        self, latent_dim: int, num_components: int = 16, init_scale: float = 1.0, init_std: float = 1.0
     ) -> None:
         super().__init__(latent_dim)
         if num_components < 1:
