@@ -83,7 +83,19 @@ def _around(loc: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x - (2.0 * (u * x).sum(-1, keepdim=True) / u_sq) * u
 
 
-class VonMisesFisher(Distribution):
+class _DirectionalDistribution(Distribution):
+    """Shared set-up of the distributions on S^{m-1} given a unit mean direction `loc` (*B, m)
+    and a concentration (*B,): batch (*B,), event (m,)."""
+
+    def __init__(self, loc: Tensor, concentration: Tensor, validate_args: bool | None = None) -> None:
+        _check_sphere_params(loc, concentration)
+        self.loc = loc
+        self.concentration = concentration
+        self.dim = loc.shape[-1]
+        super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=validate_args)
+
+
+class VonMisesFisher(_DirectionalDistribution):
     """von Mises-Fisher distribution on S^{m-1} (Davidson et al., 2018, "Hyperspherical VAEs").
 
     q(z | mu, kappa) = C_m(kappa) exp(kappa mu^T z),
@@ -102,13 +114,6 @@ class VonMisesFisher(Distribution):
     arg_constraints = {"loc": constraints.real_vector, "concentration": constraints.positive}
     support = sphere
     has_rsample = True
-
-    def __init__(self, loc: Tensor, concentration: Tensor, validate_args: bool | None = None) -> None:
-        _check_sphere_params(loc, concentration)
-        self.loc = loc
-        self.concentration = concentration
-        self.dim = loc.shape[-1]
-        super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=validate_args)
 
     def _log_normalizer_and_mean_cosine64(self) -> tuple[Tensor, Tensor]:
         """(log C_m(kappa), A_m(kappa) = I_{m/2}(kappa) / I_{m/2-1}(kappa) = E[mu^T z]), float64 (*B,)."""
@@ -181,7 +186,7 @@ class VonMisesFisher(Distribution):
 MAX_REJECTION_ROUNDS = 1000
 
 
-class PowerSpherical(Distribution):
+class PowerSpherical(_DirectionalDistribution):
     """Power spherical distribution on S^{m-1} (De Cao & Aziz, 2020), rejection-free.
 
     q(z | mu, kappa) = (1 + mu^T z)^kappa / N(kappa, m),
@@ -197,13 +202,6 @@ class PowerSpherical(Distribution):
     arg_constraints = {"loc": constraints.real_vector, "concentration": constraints.nonnegative}
     support = sphere
     has_rsample = True
-
-    def __init__(self, loc: Tensor, concentration: Tensor, validate_args: bool | None = None) -> None:
-        _check_sphere_params(loc, concentration)
-        self.loc = loc
-        self.concentration = concentration
-        self.dim = loc.shape[-1]
-        super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=validate_args)
 
     def _alpha_beta64(self) -> tuple[Tensor, float]:
         beta = 0.5 * (self.dim - 1)
