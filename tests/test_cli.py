@@ -143,6 +143,8 @@ BAD_INPUTS = [
     (["trainer.batch_size=5000"], "larger than the training split (1000 examples)"),
     (["trainer.max_epochs=0"], "trainer.max_epochs must be at least 1"),
     (["eval.iw_samples=0"], "eval.iw_samples must be at least 1"),
+    (["trainer.num_threads=0"], "trainer.num_threads must be at least 1"),
+    (["eval.nelbo_samples=0"], "eval.nelbo_samples must be at least 1"),
     (["dataset=mnist", "dataset.root=nowhere"], "MNIST not found: put train-images-idx3-ubyte"),
     (["likelihood.num_vals=4"], "likelihood.num_vals=4 does not divide"),
     (
@@ -159,6 +161,15 @@ def test_bad_input_gets_one_clear_sentence(tmp_path, overrides, message):
     output = done.stdout + done.stderr
     assert message in output
     assert "Traceback" not in output
+
+
+def test_num_threads_sets_the_cpu_threads_of_the_run(tmp_path):
+    done = run_vaekit(
+        "train", *FAST, "trainer.max_epochs=1", "trainer.device=cpu", "trainer.num_threads=1",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "on cpu (1 threads)" in done.stdout + done.stderr
 
 
 def test_bad_input_failure_is_recorded_in_the_run_directory(tmp_path):

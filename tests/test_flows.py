@@ -30,7 +30,7 @@ from vaekit.flows import (
 from vaekit.likelihoods import CategoricalLikelihood
 from vaekit.models import VAE
 from vaekit.nets import MLPNets
-from vaekit.posteriors import IAFPosterior, PlanarPosterior, SylvesterPosterior
+from vaekit.posteriors import GaussianPosterior, IAFPosterior, PlanarPosterior, SylvesterPosterior
 from vaekit.priors import StandardPrior, VampPrior
 
 POSTERIORS = {
@@ -44,12 +44,13 @@ POSTERIORS = {
 
 
 def make_posterior(name: str, latent_dim: int = 4, hidden_dim: int = 10, seed: int = 0, scale: float = 1.0):
-    """A posterior head in float64 with weights scaled up, so the flows are far from identity."""
+    """A posterior head in float64 with weights scaled up and jittered, so the flows are far
+    from the identity they start at."""
     torch.manual_seed(seed)
     posterior = POSTERIORS[name](hidden_dim=hidden_dim, latent_dim=latent_dim).double()
     with torch.no_grad():
         for p in posterior.parameters():
-            p.mul_(scale)
+            p.mul_(scale).add_(0.1 * scale * torch.randn_like(p))
     return posterior
 
 
@@ -112,10 +113,9 @@ def test_log_q_of_own_samples_is_exact_and_matches_inversion(name):
 def test_log_prob_integrates_to_one_in_two_dimensions(name):
     posterior = make_posterior(name, latent_dim=2, scale=1.5)
     with torch.no_grad():  # a base N(0, 0.5^2 I) so the mass stays inside the grid
-        posterior.base.weight.zero_() if name != "iaf" else posterior.head.weight[:4].zero_()
-        bias = posterior.base.bias if name != "iaf" else posterior.head.bias
-        bias[:2] = 0.0
-        bias[2:4] = math.log(0.25)
+        posterior.base.weight.zero_()
+        posterior.base.bias[:2] = 0.0
+        posterior.base.bias[2:4] = math.log(0.25)
     q = posterior(torch.randn(1, 10, dtype=torch.float64))
     n, half_width = 400, 7.0
     axis = (torch.arange(n, dtype=torch.float64) + 0.5) * (2 * half_width / n) - half_width
@@ -192,6 +192,43 @@ def test_planar_and_sylvester_stay_invertible_under_random_parameters():
             assert (line[1:] - line[:-1]).norm(dim=-1).min() > 0
 
 
+def test_untrained_planar_posterior_is_its_gaussian_base():
+    """u starts at 0, the identity step under the shifted constraint (u_hat = 0): training
+    starts from the Gaussian posterior rather than from a random flow."""
+    torch.manual_seed(3)
+    q = POSTERIORS["planar"](16, 4)(torch.randn(6, 16))
+    z = q.rsample((10,))
+    z0 = q.base_sample(z)
+    torch.testing.assert_close(z, z0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(q.log_prob(z), q.base.log_prob(z0), atol=1e-6, rtol=0)
+    u_zero = PlanarTransform(torch.zeros(3, 4), 1e-3 * torch.randn(3, 4), torch.randn(3))
+    assert u_zero.u_hat.abs().max() < 1e-3  # Rezende & Mohamed's m gives 0.31 / ||w|| = ~150 here
+
+
+@pytest.mark.parametrize("name", ["planar", "orthogonal", "iaf"])
+def test_a_flow_posterior_at_one_seed_starts_from_the_gaussian_runs_weights(name):
+    """Flow parts are drawn from their own RNG stream: encoder, base head and decoder equal
+    those of posterior=gaussian at the same seed, so `-m posterior=gaussian,<flow>` is paired.
+    The untrained planar VAE is then exactly the Gaussian one, ELBO included."""
+
+    def vae(make_posterior):
+        torch.manual_seed(4)
+        return VAE(4, (1, 8, 8), MLPNets(16, 1), StandardPrior(4), make_posterior, CategoricalLikelihood(17))
+
+    gaussian = vae(partial(GaussianPosterior, latent_dim=4))
+    flow = vae(partial(POSTERIORS[name], latent_dim=4))
+    for part in ("encoder", "decoder"):
+        for a, b in zip(getattr(gaussian, part).parameters(), getattr(flow, part).parameters(), strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(gaussian.posterior.head.weight, flow.posterior.base.weight, atol=0, rtol=0)
+    if name == "planar":
+        x = torch.randint(0, 17, (5, 1, 8, 8)) / 16.0
+        torch.manual_seed(5)
+        expected = gaussian(x).nelbo
+        torch.manual_seed(5)
+        torch.testing.assert_close(flow(x).nelbo, expected, atol=1e-4, rtol=1e-6)
+
+
 def test_made_is_autoregressive_and_order_reverses():
     torch.manual_seed(3)
     for reverse in (False, True):
@@ -214,7 +251,8 @@ def test_iaf_steps_share_weights_across_data_points_and_invert():
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     for transform in q.transforms:
         torch.testing.assert_close(transform.inv(transform(x)), x)
-    assert {name for name, _ in posterior.named_parameters()} >= {"head.weight", "steps.0.made.out.weight"}
+    names = {name for name, _ in posterior.named_parameters()}
+    assert names >= {"base.weight", "context.weight", "steps.0.made.out.weight"}
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,9 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--k", type=int, default=5000, help="importance samples per example (default 5000)")
     parser.add_argument(
+        "--nelbo-samples", type=int, default=100, help="draws of z per example in the NELBO (default 100)"
+    )
+    parser.add_argument(
         "--split", choices=("test", "val"), default="test", help="split to evaluate (default test)"
     )
     parser.add_argument(
@@ -143,7 +146,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     from vaekit.evaluate import evaluate_run, format_table
 
     result = evaluate_run(
-        args.run_dir, args.k, args.split, args.batch_size, args.seed, args.device, not args.no_progress
+        args.run_dir,
+        args.k,
+        args.split,
+        args.batch_size,
+        args.seed,
+        args.device,
+        not args.no_progress,
+        nelbo_samples=args.nelbo_samples,
     )
     print(format_table(result))
     print(f"\nwrote {result['path']}")

@@ -1,6 +1,5 @@
-"""Distributions torch lacks (von Mises-Fisher, power spherical, uniform on the sphere, with
-their KL to the uniform registered by `register_kl`), and the one helper that computes every
-KL term."""
+"""Distributions torch lacks: von Mises-Fisher, power spherical and the uniform on the sphere,
+with their KL to the uniform registered by `register_kl` (so `vaekit.kl.kl_term` finds it)."""
 
 from __future__ import annotations
 
@@ -8,30 +7,9 @@ import math
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, constraints, kl_divergence, register_kl
+from torch.distributions import Distribution, constraints, register_kl
 
 from vaekit.bessel import log_bessel_iv_and_ratio
-
-_ANALYTIC_KL: dict[tuple[type, type], bool] = {}
-
-
-def kl_term(q: Distribution, p: Distribution, z: Tensor) -> Tensor:
-    """KL(q || p) per example, shape q.batch_shape (B,).
-
-    Analytic `kl_divergence(q, p)` where torch (or a `@register_kl` of ours) knows the
-    pair; otherwise the single-sample Monte Carlo estimate log q(z) - log p(z) at the
-    reparameterised sample z ~ q (shape (B, L)) that the reconstruction term also used.
-    """
-    pair = (type(q), type(p))
-    if _ANALYTIC_KL.get(pair, True):
-        try:
-            kl = kl_divergence(q, p)
-            _ANALYTIC_KL[pair] = True
-            return kl
-        except NotImplementedError:
-            _ANALYTIC_KL[pair] = False
-    return q.log_prob(z) - p.log_prob(z)
-
 
 # --------------------------------------------------------------------------------------------
 # Distributions on the unit sphere S^{m-1} = {z in R^m : ||z|| = 1}

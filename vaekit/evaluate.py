@@ -62,10 +62,11 @@ def evaluate_run(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    nelbo_samples: int = 100,
 ) -> dict[str, Any]:
     """Evaluate `run_dir/best.pt` on a split; returns the metrics and writes them as JSON.
 
-    NELBO, rec and KL (single-sample, averaged over examples), IW-NLL with k samples,
+    NELBO, rec and KL (averaged over examples and nelbo_samples draws each), IW-NLL with k samples,
     bits/dim of the IW-NLL, and active units per latent level (Burda et al., 2016).
     Each stage is seeded with `seed` on its own, so changing k leaves the NELBO unchanged.
     """
@@ -73,6 +74,8 @@ def evaluate_run(
         raise VaekitError(f"--k must be at least 1, not {k}.")
     if batch_size < 1:
         raise VaekitError(f"--batch-size must be at least 1, not {batch_size}.")
+    if nelbo_samples < 1:
+        raise VaekitError(f"--nelbo-samples must be at least 1, not {nelbo_samples}.")
     if split not in SPLITS:
         raise VaekitError(f"--split must be one of {', '.join(SPLITS)}, not {split}.")
     run = load_run(Path(run_dir), device)
@@ -80,7 +83,7 @@ def evaluate_run(
     model = run.model
 
     torch.manual_seed(seed)
-    terms = nelbo_terms(model, x, batch_size)
+    terms = nelbo_terms(model, x, batch_size, nelbo_samples)
     torch.manual_seed(seed)
     nll = iw_nll_chunked(model, x, k, batch_size, progress)
     torch.manual_seed(seed)
@@ -93,6 +96,7 @@ def evaluate_run(
         "split": split,
         "num_examples": int(x.shape[0]),
         "k": k,
+        "nelbo_samples": nelbo_samples,
         "seed": seed,
         "batch_size": batch_size,
         "device": str(run.device),

@@ -10,6 +10,7 @@ shape *S by broadcasting. `forward_and_log_det(x)` gives y and log|det dy/dx| in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,12 +23,15 @@ from torch.distributions import Distribution, Transform, constraints
 # the bracket); the solve stops early once no point moves by more than a few ulps.
 SOLVER_STEPS = 60
 SOLVER_CHECK_EVERY = 6
-# (sample, log q(sample)) pairs a FlowDistribution remembers, newest first.
+# (sample, log q(sample), base sample) triples a FlowDistribution remembers, newest first.
 MAX_RECORDS = 4
 # Invertibility margins. In floating point softplus and tanh saturate (softplus(-100) + -1 is
 # exactly -1, tanh(10) is exactly 1 in float32), which would let a step's Jacobian factor reach
 # 0; the margins keep every factor >= ~1e-4 (planar) or ~2e-3 (Sylvester).
 PLANAR_MARGIN = 1e-4
+# Shift inside the planar constraint m(a) = -1 + PLANAR_MARGIN + softplus(a + PLANAR_SHIFT),
+# chosen so that m(0) = 0: then u = 0 gives u_hat = 0, the identity step.
+PLANAR_SHIFT = math.log(math.expm1(1.0 - PLANAR_MARGIN))
 SYLVESTER_DIAGONAL_BOUND = 1.0 - 1e-3
 
 
@@ -85,8 +89,10 @@ class PlanarTransform(Transform):
     """Planar flow step (Rezende & Mohamed, 2015), amortized: y = x + u_hat tanh(w^T x + b).
 
     u (*B, L), w (*B, L), b (*B,). u_hat = u + (m(w^T u) - w^T u) w / ||w||^2 with
-    m(a) = -1 + softplus(a) (+ PLANAR_MARGIN), so w^T u_hat > -1 and the step is invertible
-    (their Appendix A). log|det| = log|1 + u_hat^T psi|, psi = tanh'(w^T x + b) w, which is
+    m(a) = -1 + softplus(a + PLANAR_SHIFT) (+ PLANAR_MARGIN), so w^T u_hat > -1 and the step is
+    invertible (their Appendix A). Their m is shifted so that m(0) = 0: u = 0 is the identity
+    step (theirs maps u = 0 to u_hat = -0.31 w / ||w||^2, large when w is small).
+    log|det| = log|1 + u_hat^T psi|, psi = tanh'(w^T x + b) w, which is
     log(1 + w^T u_hat tanh') > log(PLANAR_MARGIN).
     """
 
@@ -98,7 +104,7 @@ class PlanarTransform(Transform):
         super().__init__()
         wu = (w * u).sum(-1, keepdim=True)
         w_sq = (w * w).sum(-1, keepdim=True).clamp_min(1e-12)
-        m = F.softplus(wu) - 1.0 + PLANAR_MARGIN
+        m = F.softplus(wu + PLANAR_SHIFT) - 1.0 + PLANAR_MARGIN
         self.u_hat = u + (m - wu) * w / w_sq  # (*B, L)
         self.w = w
         self.b = b
@@ -279,8 +285,9 @@ class FlowDistribution(Distribution):
         log q_K(z_K) = log q_0(z_0) - sum_k log|det d f_k / d z_{k-1}|   (Rezende & Mohamed, 2015)
 
     rsample(sample_shape) -> (*S, *B, L) records log q of the samples it returns, so log_prob of
-    those very tensors is exact and costs nothing; any other z is mapped back through the
-    transforms' inverses (exact up to solver tolerance; slow for autoregressive flows).
+    those very tensors is exact and costs nothing (and `base_sample` gives the z_0 under them);
+    any other z is mapped back through the transforms' inverses (exact up to solver tolerance;
+    slow for autoregressive flows).
     """
 
     arg_constraints: dict = {}
@@ -290,22 +297,27 @@ class FlowDistribution(Distribution):
     def __init__(self, base: Distribution, transforms: Sequence[Transform]) -> None:
         self.base = base
         self.transforms = list(transforms)
-        self._records: list[tuple[Tensor, Tensor]] = []
+        self._records: list[tuple[Tensor, Tensor, Tensor]] = []
         super().__init__(base.batch_shape, base.event_shape, validate_args=False)
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
         """Reparameterised z_K (*sample_shape, *B, L)."""
-        z = self.base.rsample(sample_shape)
-        log_q = self.base.log_prob(z)
+        z0 = self.base.rsample(sample_shape)
+        z, log_q = z0, self.base.log_prob(z0)
         for transform in self.transforms:
             z, log_det = forward_and_log_det(transform, z)
             log_q = log_q - log_det
-        self._records = [(z, log_q), *self._records[: MAX_RECORDS - 1]]
+        self._records = [(z, log_q, z0), *self._records[: MAX_RECORDS - 1]]
         return z
+
+    def base_sample(self, value: Tensor) -> Tensor | None:
+        """The base draw z_0 (*S, *B, L) under a sample z_K that rsample returned; None for any
+        other tensor."""
+        return next((z0 for sample, _, z0 in self._records if value is sample), None)
 
     def log_prob(self, value: Tensor) -> Tensor:
         """log q_K(z) for z (*S, *B, L) -> (*S, *B)."""
-        for sample, log_q in self._records:
+        for sample, log_q, _ in self._records:
             if value is sample:
                 return log_q
         log_det = torch.zeros((), dtype=value.dtype, device=value.device)

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
-from vaekit.distributions import kl_term
 from vaekit.errors import VaekitError
+from vaekit.kl import kl_term
 from vaekit.latents import MC_MEAN_SAMPLES, mean_of
 from vaekit.likelihoods import Likelihood
 from vaekit.models import ELBO, check_pairing, iw_log_likelihood, make_elbo

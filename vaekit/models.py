@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from vaekit.distributions import kl_term
 from vaekit.errors import VaekitError
+from vaekit.kl import kl_term
 from vaekit.latents import mean_of
 from vaekit.likelihoods import Likelihood
 from vaekit.posteriors import Posterior

@@ -27,6 +27,7 @@ from vaekit.flows import (
     permutation_matrix,
     sylvester_triangular,
 )
+from vaekit.rng import own_rng
 
 
 class Posterior(nn.Module):
@@ -70,16 +71,23 @@ def _at_least(name: str, value: int, minimum: int) -> None:
 class PlanarPosterior(Posterior):
     """q_K(z|x): z_0 ~ N(mu(h), diag sigma^2(h)), then `num_flows` planar steps
     (Rezende & Mohamed, 2015) whose u, w, b are amortized: linear in the encoder features h.
+    The u outputs start at 0, so every step starts as the identity and the untrained q_K is
+    its Gaussian base (whose KL to a Gaussian prior `vaekit.kl` then computes in closed form).
 
     Returns a FlowDistribution: batch (B,), event (L,); log q exact for its own samples.
     """
 
-    def __init__(self, hidden_dim: int, latent_dim: int, num_flows: int = 4) -> None:
+    def __init__(self, hidden_dim: int, latent_dim: int, num_flows: int = 8) -> None:
         super().__init__(hidden_dim, latent_dim)
         _at_least("num_flows", num_flows, 1)
         self.num_flows = num_flows
-        self.base = nn.Linear(hidden_dim, 2 * latent_dim)
-        self.flow_params = nn.Linear(hidden_dim, num_flows * (2 * latent_dim + 1))  # u, w, b per step
+        self.base = nn.Linear(hidden_dim, 2 * latent_dim)  # the Gaussian posterior's head, same init
+        with own_rng():  # the decoder then starts as with posterior=gaussian (a paired comparison)
+            self.flow_params = nn.Linear(hidden_dim, num_flows * (2 * latent_dim + 1))  # u, w, b per step
+        with torch.no_grad():  # u = 0: identity steps at the start
+            u_rows = self.flow_params.weight.view(num_flows, 2 * latent_dim + 1, hidden_dim)[:, :latent_dim]
+            u_rows.zero_()
+            self.flow_params.bias.view(num_flows, 2 * latent_dim + 1)[:, :latent_dim].zero_()
 
     def forward(self, h: Tensor) -> Distribution:
         latent = self.latent_dim
@@ -132,8 +140,9 @@ class SylvesterPosterior(Posterior):
         q_params = {"orthogonal": latent_dim * size, "householder": num_householder * latent_dim}
         # per step: R/R~ off-diagonals (M*M), diag R, diag R~, b (M each), Q's raw parameters
         self.splits = [size * size, size, size, size, q_params.get(kind, 0)]
-        self.base = nn.Linear(hidden_dim, 2 * latent_dim)
-        self.flow_params = nn.Linear(hidden_dim, num_flows * sum(self.splits))
+        self.base = nn.Linear(hidden_dim, 2 * latent_dim)  # the Gaussian posterior's head, same init
+        with own_rng():  # the decoder then starts as with posterior=gaussian (a paired comparison)
+            self.flow_params = nn.Linear(hidden_dim, num_flows * sum(self.splits))
 
     def orthogonal_matrices(self, raw: Tensor) -> list[Tensor]:
         """Q of every step from its raw parameters (*B, F, P_q): F tensors (*B, L, M) or (L, M)."""
@@ -186,17 +195,19 @@ class IAFPosterior(Posterior):
         if not math.isfinite(gate_bias):
             raise VaekitError(f"posterior.gate_bias must be a finite number, not {gate_bias}.")
         self.context_dim = context_dim
-        self.head = nn.Linear(hidden_dim, 2 * latent_dim + context_dim)
-        self.steps = nn.ModuleList(
-            ConditionalAffineAutoregressive(
-                latent_dim, context_dim, made_hidden, made_layers, step % 2 == 1, gate_bias
+        self.base = nn.Linear(hidden_dim, 2 * latent_dim)  # the Gaussian posterior's head, same init
+        with own_rng():  # the decoder then starts as with posterior=gaussian (a paired comparison)
+            self.context = nn.Linear(hidden_dim, context_dim)
+            self.steps = nn.ModuleList(
+                ConditionalAffineAutoregressive(
+                    latent_dim, context_dim, made_hidden, made_layers, step % 2 == 1, gate_bias
+                )
+                for step in range(num_flows)
             )
-            for step in range(num_flows)
-        )
 
     def forward(self, h: Tensor) -> Distribution:
-        latent = self.latent_dim
-        mu, log_var, context = self.head(h).split([latent, latent, self.context_dim], dim=-1)
+        mu, log_var = self.base(h).chunk(2, dim=-1)  # (B, L) each
+        context = self.context(h)  # (B, context_dim)
         transforms = [step.condition(context) for step in self.steps]
         return FlowDistribution(diagonal_normal(mu, log_var), transforms)
 

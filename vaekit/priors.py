@@ -3,7 +3,6 @@ torch Distribution with event_shape (L,)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 
@@ -20,6 +19,7 @@ from torch.distributions import (
 
 from vaekit.coupling import real_nvp
 from vaekit.errors import VaekitError
+from vaekit.rng import own_rng
 
 
 class Prior(nn.Module):
@@ -58,17 +58,6 @@ class StandardPrior(Prior):
 
     def forward(self) -> Distribution:
         return Independent(Normal(self.loc, self.scale, validate_args=False), 1)
-
-
-def own_rng(device: torch.device | None = None) -> contextlib.AbstractContextManager:
-    """Draw a prior's random initial values without advancing the global RNG streams.
-
-    The networks built after the prior then start from the same weights, and training sees
-    the same noise, whichever prior is chosen: at one seed, `-m prior=a,b` is a paired
-    comparison (common random numbers) rather than a comparison of two initialisations.
-    """
-    devices = [device] if device is not None and device.type == "cuda" else []
-    return torch.random.fork_rng(devices=devices)
 
 
 # Upper bound on the (points, K, L) elements one chunk of a mixture's log_prob builds

@@ -19,11 +19,13 @@ RESUMABLE_KEYS = frozenset(
         "trainer.max_epochs",
         "trainer.patience",
         "trainer.progress",
+        "trainer.num_threads",
         "trainer.device",
         "trainer.eval_batch_size",
         "trainer.log_images",
         "trainer.image_every",
         "eval.iw_samples",
+        "eval.nelbo_samples",
         "eval.batch_size",
     }
 )

@@ -35,6 +35,7 @@ class TrainerConfig:
     log_images: bool = True  # sample / reconstruction grids when validation improves,
     image_every: int = 5  # ... at most every this many epochs (and the best model's at the end)
     progress: bool = True  # tqdm progress bars
+    num_threads: int | None = None  # CPU threads torch may use; None = torch's default (all cores)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class EvalConfig:
     """Final evaluation of the best checkpoint on the test split."""
 
     iw_samples: int = 1000  # k of the importance-weighted log-likelihood estimate
+    nelbo_samples: int = 100  # draws of z per example averaged in the test NELBO
     batch_size: int = 500  # test examples per chunk of the IW estimate
 
 

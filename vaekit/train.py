@@ -72,7 +72,9 @@ def check_settings(cfg: DictConfig) -> None:
         (t.eval_batch_size >= 1, f"trainer.eval_batch_size must be at least 1, not {t.eval_batch_size}."),
         (t.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps must be at least 1."),
         (t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip must be positive (or null)."),
+        (t.num_threads is None or t.num_threads >= 1, "trainer.num_threads must be at least 1 (or null)."),
         (e.iw_samples >= 1, f"eval.iw_samples must be at least 1, not {e.iw_samples}."),
+        (e.nelbo_samples >= 1, f"eval.nelbo_samples must be at least 1, not {e.nelbo_samples}."),
         (e.batch_size >= 1, f"eval.batch_size must be at least 1, not {e.batch_size}."),
     ]
     for ok, message in rules:
@@ -112,7 +114,7 @@ def evaluate_test(
     """Test NELBO terms, importance-weighted NLL, bits/dim and active units per level
     (from the test posterior means `means`) of the model as it is."""
     model.eval()
-    terms = nelbo_terms(model, data.test, cfg.trainer.eval_batch_size)
+    terms = nelbo_terms(model, data.test, cfg.trainer.eval_batch_size, cfg.eval.nelbo_samples)
     nll = iw_nll(model, data.test, cfg.eval.iw_samples, cfg.eval.batch_size, cfg.trainer.progress)
     metrics = {f"test_{name.replace('/', '_')}": value for name, value in terms.items()}
     metrics.update(test_iw_nll=nll, test_bpd=bits_per_dim(nll, data.num_dims))
@@ -155,6 +157,7 @@ def fit_fields(state: Any, cfg: DictConfig, device: torch.device) -> dict[str, A
         "status": state.status,
         "device": str(device),
         "iw_samples": cfg.eval.iw_samples,
+        "nelbo_samples": cfg.eval.nelbo_samples,
     }
 
 
@@ -168,6 +171,8 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = No
     from vaekit.trainer import Diverged, Interrupted, Trainer
 
     check_settings(cfg)
+    if cfg.trainer.num_threads is not None:  # e.g. 1 per job when several share a CPU
+        torch.set_num_threads(cfg.trainer.num_threads)
     device = resolve_device(cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)
     raw: RawSplits = build(cfg.dataset, "dataset")
@@ -193,13 +198,14 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = No
         trainer.restore(checkpoint)
     n_params = sum(p.numel() for p in model.parameters())
     verb = f"resuming at epoch {resumed_epoch}:" if checkpoint else "training"
+    where = f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device)
     log.info(
         "%s %s on %s (%d parameters) on %s; run directory %s",
         verb,
         type(model).__name__,
         raw.name,
         n_params,
-        device,
+        where,
         run_dir,
     )
     try:
