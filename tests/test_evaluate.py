@@ -19,7 +19,8 @@ from vaekit.evaluate import evaluate_run, iw_nll_chunked
 from vaekit.metrics import active_units
 
 RESULT_KEYS = {
-    "run_dir", "checkpoint", "epoch", "split", "num_examples", "k", "seed", "batch_size", "device",
+    "run_dir", "checkpoint", "epoch", "split", "num_examples", "k", "nelbo_samples", "seed", "batch_size",
+    "device",
     "nelbo", "rec", "kl", "kl_z", "iw_nll", "bpd", "nelbo_bpd", "active_units", "active_units_total",
     "latent_dims",
 }  # fmt: skip
@@ -123,6 +124,9 @@ def test_bad_arguments_and_folders_give_one_sentence(run_dir: Path, tmp_path: Pa
     assert line == "vaekit: error: --k must be at least 1, not 0."
     assert "--batch-size must be at least 1" in cli_error(
         capsys, "evaluate", str(run_dir), "--batch-size", "0"
+    )
+    assert "--nelbo-samples must be at least 1" in cli_error(
+        capsys, "evaluate", str(run_dir), "--nelbo-samples", "0"
     )
     (tmp_path / "plain").mkdir()
     assert "is not a vaekit run directory" in cli_error(capsys, "evaluate", str(tmp_path / "plain"))
