@@ -72,6 +72,11 @@ class _DirectionalDistribution(Distribution):
         self.dim = loc.shape[-1]
         super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=validate_args)
 
+    @property
+    def mode(self) -> Tensor:
+        """The mean direction mu: (*B, m)."""
+        return self.loc
+
 
 class VonMisesFisher(_DirectionalDistribution):
     """von Mises-Fisher distribution on S^{m-1} (Davidson et al., 2018, "Hyperspherical VAEs").
@@ -106,11 +111,6 @@ class VonMisesFisher(_DirectionalDistribution):
         """E[z] = A_m(kappa) mu, inside the ball: (*B, m)."""
         mean_cosine = self._log_normalizer_and_mean_cosine64()[1]
         return mean_cosine.to(self.loc.dtype).unsqueeze(-1) * self.loc
-
-    @property
-    def mode(self) -> Tensor:
-        """The mean direction mu: (*B, m)."""
-        return self.loc
 
     def log_prob(self, value: Tensor) -> Tensor:
         """log C_m(kappa) + kappa mu^T z for z (*S, *B, m) -> (*S, *B)."""
@@ -200,11 +200,6 @@ class PowerSpherical(_DirectionalDistribution):
         """E[z] = kappa / (kappa + m - 1) mu: (*B, m)."""
         kappa = self.concentration
         return (kappa / (kappa + self.dim - 1)).unsqueeze(-1) * self.loc
-
-    @property
-    def mode(self) -> Tensor:
-        """The mean direction mu: (*B, m)."""
-        return self.loc
 
     def log_prob(self, value: Tensor) -> Tensor:
         """kappa log(1 + mu^T z) - log N for z (*S, *B, m) -> (*S, *B)."""

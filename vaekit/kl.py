@@ -56,29 +56,25 @@ def control_variate(q: Distribution, p: Distribution, z: Tensor) -> Tensor | Non
     """c = [log q0(z0) - log r(z0)] - KL(q0 || r), shape (B,), with E_q[c] = 0; or None.
 
     q0 is q's Gaussian base (q itself unless q is a flow) and z0 the base draw under z; r is a
-    reference near p whose KL from q0 has a closed form (`reference_of`). Subtracting c leaves
-    the estimate unbiased and removes the noise that log q - log p shares with log q0 - log r.
+    reference near p whose KL from q0 has a closed form (p itself, else `stand_in_for(p)`).
+    Subtracting c leaves the estimate unbiased and removes the noise that log q - log p shares
+    with log q0 - log r. The closed form KL(q0 || r) is computed once per call.
     """
     base, z0 = q, z
     if isinstance(q, FlowDistribution):
         base, z0 = q.base, q.base_sample(z)
     if z0 is None:
         return None
-    reference = reference_of(p, base)
-    if reference is None:
-        return None
-    kl0 = analytic_kl(base, reference)
-    if kl0 is None:
-        return None
-    return base.log_prob(z0) - reference.log_prob(z0) - kl0
+    for reference in (p, stand_in_for(p)):  # p itself where its KL from q0 has a closed form
+        kl0 = None if reference is None else analytic_kl(base, reference)
+        if kl0 is not None:
+            return base.log_prob(z0) - reference.log_prob(z0) - kl0
+    return None
 
 
-def reference_of(p: Distribution, q0: Distribution) -> Distribution | None:
-    """A distribution near p with a closed-form KL from q0: p itself where there is one, the
-    base N(0, I) of a flow prior, the Gaussian with the moments of a Gaussian mixture
-    (mixture of Gaussians, VampPrior); None otherwise."""
-    if analytic_kl(q0, p) is not None:
-        return p
+def stand_in_for(p: Distribution) -> Distribution | None:
+    """A Gaussian near p: the base N(0, I) of a flow prior, the Gaussian with the moments of a
+    Gaussian mixture (mixture of Gaussians, VampPrior); None otherwise."""
     if isinstance(p, TransformedDistribution):
         return p.base_dist
     if isinstance(p, MixtureSameFamily):
