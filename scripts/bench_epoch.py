@@ -20,22 +20,26 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from vaekit.build import build_dataset, build_model, device_data, instantiate_group, resolve_device
+from vaekit.commands.train import CONFIG_DIR
 from vaekit.data import DeviceData
-from vaekit.flatten import FlatParameters
-from vaekit.tb_logger import RunLogger
-from vaekit.train import CONFIG_DIR, build, build_model, resolve_device
-from vaekit.trainer import Trainer
+from vaekit.loggers.tensorboard import RunLogger
+from vaekit.training.flatten import FlatParameters
+from vaekit.training.signals import StopRequest
+from vaekit.training.trainer import Trainer
 
 
 def bare_epochs(cfg, raw, data: DeviceData, epochs: int) -> float:
     """Seconds per epoch of forward/backward/step only, on the same tensors."""
     torch.manual_seed(0)
     model = build_model(cfg, raw).to(data.device)
-    optimizer = build(cfg.optimizer, "optimizer", params=model.parameters())
+    optimizer = instantiate_group(cfg.optimizer, "optimizer", params=model.parameters())
     generator = torch.Generator(device=data.device).manual_seed(1)
     start = time.perf_counter()
     for _ in range(epochs):
-        for x in data.train_batches(cfg.trainer.batch_size, generator):
+        perm = data.permutation(generator)
+        for step in range(data.num_train_batches(cfg.trainer.batch_size)):
+            x = data.train_batch(perm, step, cfg.trainer.batch_size, generator)
             loss = model(x).loss.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -50,9 +54,12 @@ def trainer_epochs(cfg, raw, data: DeviceData, epochs: int, run_dir: Path) -> fl
     torch.manual_seed(0)
     model = build_model(cfg, raw).to(data.device)
     flat = FlatParameters(model)
-    optimizer = build(cfg.optimizer, "optimizer", params=[flat.param])
+    optimizer = instantiate_group(cfg.optimizer, "optimizer", params=[flat.param])
     logger = RunLogger(run_dir)
-    trainer = Trainer(model, flat, optimizer, data, cfg.trainer, run_dir, logger, {})
+    stop = StopRequest()
+    trainer = Trainer(
+        model, flat, optimizer, data, cfg.trainer, run_dir, logger, {}, stop, cfg.eval.batch_size
+    )
     state = trainer.fit()
     logger.close()
     return state.train_seconds / state.epoch
@@ -67,15 +74,19 @@ def main() -> None:
     args = parser.parse_args()
     if not (Path(args.root) / "MNIST" / "raw").is_dir():
         raise SystemExit(f"MNIST not found under {args.root}/MNIST/raw: pass --root.")
-    overrides = ["dataset=mnist", f"dataset.root={args.root}", f"trainer.max_epochs={args.epochs}",
-                 f"trainer.patience={args.epochs + 1}", "trainer.progress=false", *args.overrides]
+    overrides = [
+        "dataset=mnist",
+        f"dataset.root={args.root}",
+        f"trainer.max_epochs={args.epochs}",
+        f"trainer.patience={args.epochs + 1}",
+        "trainer.progress=false",
+        *args.overrides,
+    ]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    raw = build(cfg.dataset, "dataset")
+    raw = build_dataset(cfg)
     device = resolve_device(cfg.trainer.device)
-    probe = build_model(cfg, raw)
-    lik = probe.likelihood
-    data = DeviceData(raw, device, lik.binary_data, getattr(lik, "binarize_seed", 0))
+    data = device_data(raw, build_model(cfg, raw), device)
     bare, ours = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -83,8 +94,10 @@ def main() -> None:
             ours.append(trainer_epochs(cfg, raw, data, args.epochs, Path(tmp) / str(r)))
             print(f"round {r}: bare {bare[-1]:.3f} s/epoch, trainer {ours[-1]:.3f} s/epoch", flush=True)
     b, o = statistics.median(bare), statistics.median(ours)
-    print(f"MNIST {' '.join(args.overrides) or 'MLP'} on {device}: bare {b:.3f} s/epoch, "
-          f"trainer {o:.3f} s/epoch, ratio trainer/bare {o / b:.3f}")
+    print(
+        f"MNIST {' '.join(args.overrides) or 'MLP'} on {device}: bare {b:.3f} s/epoch, "
+        f"trainer {o:.3f} s/epoch, ratio trainer/bare {o / b:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -13,10 +13,20 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_MNIST = REPO.parent / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # Settings that keep a CLI run to a few seconds on a laptop CPU.
-FAST = ["trainer.max_epochs=3", "eval.iw_samples=8", "trainer.progress=false"]
+FAST = ["trainer.max_epochs=3", "eval.iw_samples=8", "trainer.progress=false", "eval.nelbo_samples=2"]
+
+
+def compose_train(*overrides: str):
+    """The config `vaekit train OVERRIDES` composes, in-process (no run directory)."""
+    from hydra import compose, initialize_config_dir
+
+    from vaekit.commands.train import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
 
 
 def vaekit_executable() -> str:
@@ -34,6 +44,19 @@ def run_vaekit(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Comple
     env.pop("HYDRA_FULL_ERROR", None)
     command = [vaekit_executable(), *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run `vaekit <argv>` in-process; assert exit 1 and return its one stderr line."""
+    from vaekit import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(list(argv))
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("vaekit: error: ")
+    return lines[0]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -55,6 +78,17 @@ def write_fake_mnist(root: Path, folder: str = "MNIST", n_train: int = 120, n_te
             images[i, r : r + 8, c : c + 8] = rng.integers(128, 256, size=(8, 8))
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, size=n))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny digits run with a 2-D latent (so --manifold and --scatter work), trained by the
+    real command once per session and shared by the evaluate and sample tests."""
+    tmp = tmp_path_factory.mktemp("trained")
+    run = tmp / "run"
+    done = run_vaekit("train", *FAST, "model.latent_dim=2", f"hydra.run.dir={run}", cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    return run
 
 
 @pytest.fixture

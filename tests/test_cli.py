@@ -2,10 +2,15 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
-from conftest import FAST, read_events, run_vaekit
+from conftest import FAST, compose_train, read_events, run_vaekit
+
+from vaekit import cli
+from vaekit.commands.train import CONFIG_DIR
+from vaekit.errors import VaekitError
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +88,14 @@ def test_checkpoints_load_with_weights_only(digits_run):
 
 def test_help_and_cfg_behave_as_in_hydra(tmp_path):
     top = run_vaekit(cwd=tmp_path)
-    assert top.returncode == 0 and "train" in top.stdout
+    assert top.returncode == 0
+    for command in cli.COMMANDS:  # every command is listed with what it does
+        assert re.search(rf"^  {command} +\w", top.stdout, re.MULTILINE), command
     helped = run_vaekit("train", "--help", cwd=tmp_path)
     assert helped.returncode == 0
-    for group in ("model", "prior", "posterior", "dataset", "likelihood", "net", "optimizer", "trainer"):
-        assert f"{group}:" in helped.stdout, group
+    for folder in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir()):  # each group with its options
+        options = ", ".join(sorted(f.stem for f in folder.glob("*.yaml")))
+        assert f"{folder.name}: {options}" in helped.stdout, folder.name
     shown = run_vaekit("train", "--cfg", "job", "model.latent_dim=5", cwd=tmp_path)
     assert shown.returncode == 0 and "latent_dim: 5" in shown.stdout
     assert not (tmp_path / "outputs").exists()  # --cfg composes, trains nothing
@@ -134,10 +142,8 @@ def test_mnist_from_idx_files_with_bernoulli_likelihood(tmp_path, fake_mnist):
     assert metrics["test_bpd"] > 0
 
 
-BAD_INPUTS = [
-    (["prior=nope"], "Could not find 'prior/nope'"),
-    (["trainer.patienc=3"], "Key 'patienc' not in 'TrainerConfig'"),
-    (["trainer.patience=abc"], "could not be converted to Integer"),
+# Bad values found after composition: checked in-process (the same code the command runs).
+BAD_VALUES = [
     (["model.latent_dim=0"], "model.latent_dim must be at least 1, not 0."),
     (["trainer.patience=-1"], "trainer.patience must be 0 or more, not -1."),
     (["trainer.batch_size=5000"], "larger than the training split (1000 examples)"),
@@ -145,12 +151,41 @@ BAD_INPUTS = [
     (["eval.iw_samples=0"], "eval.iw_samples must be at least 1"),
     (["trainer.num_threads=0"], "trainer.num_threads must be at least 1"),
     (["eval.nelbo_samples=0"], "eval.nelbo_samples must be at least 1"),
+    (["eval.batch_size=0"], "eval.batch_size must be at least 1"),
     (["dataset=mnist", "dataset.root=nowhere"], "MNIST not found: put train-images-idx3-ubyte"),
+    (["dataset=kmnist", "dataset.root=nowhere"], "KMNIST not found: put train-images-idx3-ubyte"),
     (["likelihood.num_vals=4"], "likelihood.num_vals=4 does not divide"),
+    (
+        ["dataset.shape=[1,28,28]"],
+        "dataset.shape is [1, 28, 28] but the digits files hold images of shape [1, 8, 8]",
+    ),
+    (["dataset.num_levels=256"], "dataset.num_levels is 256 but digits has 17 intensity levels"),
     (
         ["trainer.device=cuda:7"] if not torch.cuda.is_available() else ["trainer.device=tpu"],
         "trainer.device=",
     ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
+def test_bad_values_get_one_clear_sentence(tmp_path, overrides, message):
+    from vaekit.commands.train import train
+
+    cfg = compose_train(*overrides, "trainer.progress=false")
+    with pytest.raises(VaekitError) as error:
+        train(cfg, tmp_path / "run")
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+# Errors of composition itself, and one of each kind above, through the real command.
+BAD_INPUTS = [
+    (["prior=nope"], "Could not find 'prior/nope'"),
+    (["trainer.patienc=3"], "Key 'patienc' not in 'TrainerConfig'"),
+    (["trainer.patience=abc"], "could not be converted to Integer"),
+    (["eval.iw_samples=0"], "eval.iw_samples must be at least 1"),
+    (["dataset=mnist", "dataset.root=nowhere"], "MNIST not found: put train-images-idx3-ubyte"),
 ]
 
 
@@ -165,8 +200,13 @@ def test_bad_input_gets_one_clear_sentence(tmp_path, overrides, message):
 
 def test_num_threads_sets_the_cpu_threads_of_the_run(tmp_path):
     done = run_vaekit(
-        "train", *FAST, "trainer.max_epochs=1", "trainer.device=cpu", "trainer.num_threads=1",
-        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+        "train",
+        *FAST,
+        "trainer.max_epochs=1",
+        "trainer.device=cpu",
+        "trainer.num_threads=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     assert "on cpu (1 threads)" in done.stdout + done.stderr

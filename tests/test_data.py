@@ -1,5 +1,7 @@
 """Datasets: the digits split, torchvision loaders on IDX files written here, binarization."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -51,17 +53,29 @@ def test_val_size_larger_than_the_file_is_refused(tmp_path):
         load_torchvision("MNIST", root=str(tmp_path), val_size=10000)
 
 
+def epoch_batches(data: DeviceData, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's batches, drawn as the trainer draws them."""
+    perm = data.permutation(generator)
+    return [
+        data.train_batch(perm, step, batch_size, generator)
+        for step in range(data.num_train_batches(batch_size))
+    ]
+
+
 def test_dynamic_binarization_fresh_for_train_fixed_for_val():
     raw = load_digits()
-    a = DeviceData(raw, torch.device("cpu"), binarize=True, binarize_seed=7)
-    b = DeviceData(raw, torch.device("cpu"), binarize=True, binarize_seed=7)
+    raw = dataclasses.replace(raw, binarize_seed=7)
+    a = DeviceData(raw, torch.device("cpu"), binarize=True)
+    b = DeviceData(raw, torch.device("cpu"), binarize=True)
+    other = DeviceData(dataclasses.replace(raw, binarize_seed=8), torch.device("cpu"), binarize=True)
+    assert not torch.equal(a.test, other.test)  # the dataset's seed decides the binarized test set
     assert torch.equal(a.val, b.val) and torch.equal(a.test, b.test)
     assert set(a.val.unique().tolist()) == {0.0, 1.0}
     # the binarized mean matches the intensities' mean (Bernoulli(p) has mean p)
     torch.testing.assert_close(a.test.mean(), (raw.test.float() / 16).mean(), atol=0.01, rtol=0)
     gen = torch.Generator().manual_seed(0)
-    first = torch.cat(list(a.train_batches(64, gen)))
-    second = torch.cat(list(a.train_batches(64, gen)))
+    first = torch.cat(epoch_batches(a, 64, gen))
+    second = torch.cat(epoch_batches(a, 64, gen))
     assert first.shape == (1000, 1, 8, 8) and set(first.unique().tolist()) == {0.0, 1.0}
     assert not torch.equal(first.sum(0), second.sum(0))  # a new binarization (and order)
 
@@ -69,7 +83,7 @@ def test_dynamic_binarization_fresh_for_train_fixed_for_val():
 def test_epoch_is_a_permutation_of_the_training_split():
     raw = load_digits()
     data = DeviceData(raw, torch.device("cpu"), binarize=False)
-    batches = list(data.train_batches(64, torch.Generator().manual_seed(0)))
+    batches = epoch_batches(data, 64, torch.Generator().manual_seed(0))
     assert [len(b) for b in batches] == [64] * 15 + [40]
     assert data.num_train_batches(64) == 16
     seen = torch.cat(batches).reshape(1000, -1)

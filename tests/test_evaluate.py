@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_vaekit
+from conftest import cli_error, run_vaekit
 
-from vaekit import cli, evaluate
+from vaekit.commands.evaluate import evaluate_run
 from vaekit.errors import VaekitError
-from vaekit.evaluate import evaluate_run, iw_nll_chunked
-from vaekit.metrics import active_units
+from vaekit.evaluation import metrics
+from vaekit.evaluation.metrics import active_units, iw_nll
+from vaekit.training.checkpoint import CHECKPOINT_FORMAT
 
 RESULT_KEYS = {
     "run_dir", "checkpoint", "epoch", "split", "num_examples", "k", "nelbo_samples", "seed", "batch_size",
@@ -26,25 +27,10 @@ RESULT_KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny digits run with a 2-D latent, trained by the real command."""
-    tmp = tmp_path_factory.mktemp("evaluate")
-    run = tmp / "run"
-    done = run_vaekit("train", *FAST, "model.latent_dim=2", f"hydra.run.dir={run}", cwd=tmp)
-    assert done.returncode == 0, done.stderr
-    return run
-
-
-def cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """Run `vaekit <argv>` in-process; assert exit 1 and return its one stderr line."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(list(argv))
-    assert exit_info.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("vaekit: error: ")
-    return lines[0]
+@pytest.fixture
+def run_dir(trained_run: Path) -> Path:
+    """The session's shared tiny digits run (2-D latent)."""
+    return trained_run
 
 
 def test_evaluate_command_prints_a_table_and_writes_json(run_dir: Path):
@@ -92,10 +78,10 @@ class CountingModel(torch.nn.Module):
 
 @pytest.mark.parametrize("k_chunk", [1, 7, 100])
 def test_chunked_iw_estimate_combines_chunks_exactly(monkeypatch, k_chunk):
-    monkeypatch.setattr(evaluate, "K_CHUNK", k_chunk)
+    monkeypatch.setattr(metrics, "K_CHUNK", k_chunk)
     log_weights = torch.randn(30, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
     x = torch.zeros(5, 1)
-    estimate = iw_nll_chunked(CountingModel(log_weights), x, 30, batch_size=5, progress=False)
+    estimate = iw_nll(CountingModel(log_weights), x, 30, batch_size=5, progress=False)
     exact = -(torch.logsumexp(log_weights, 0) - math.log(30)).mean().item()
     assert math.isclose(estimate, exact, rel_tol=1e-9)
 
@@ -177,5 +163,18 @@ def test_corrupt_and_crafted_checkpoints_are_refused_without_running_code(run_di
     # not a dict / no config: still one sentence (in-process, no need for a subprocess)
     folder = bad_run(tmp_path, "tensor_only", run_dir, b"")
     torch.save(torch.zeros(3), folder / "best.pt")
+    with pytest.raises(VaekitError, match="is not a vaekit checkpoint"):
+        evaluate_run(folder, k=2)
+    torch.save({"format": CHECKPOINT_FORMAT, "model": {}}, folder / "best.pt")
     with pytest.raises(VaekitError, match="holds no saved config"):
         evaluate_run(folder, k=2)
+
+
+def test_evaluate_with_the_runs_settings_reproduces_its_test_metrics(run_dir: Path):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    result = evaluate_run(run_dir, k=8, nelbo_samples=2, progress=False)  # FAST's eval settings
+    assert result["iw_nll"] == metrics["test_iw_nll"]  # same seed, same batches: the same numbers
+    assert result["nelbo"] == metrics["test_nelbo"]
+    assert result["active_units"]["z"] == metrics["test_active_units_z"]
+    other_seed = evaluate_run(run_dir, k=8, nelbo_samples=2, seed=1, progress=False)
+    assert other_seed["iw_nll"] != metrics["test_iw_nll"]

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from vaekit.flatten import FlatParameters
+from vaekit.training.flatten import FlatParameters
 
 
 def _net() -> nn.Module:

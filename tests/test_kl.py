@@ -7,10 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.distributions import Categorical, Independent, Laplace, MixtureSameFamily, Normal, kl_divergence
+from torch.distributions import (
+    Categorical,
+    Cauchy,
+    Independent,
+    Laplace,
+    MixtureSameFamily,
+    Normal,
+    kl_divergence,
+)
 
 from vaekit.flows import FlowDistribution
-from vaekit.kl import kl_term, moment_matched_normal
+from vaekit.kl import analytic_kl, kl_term, moment_matched_normal
 from vaekit.posteriors import IAFPosterior, PlanarPosterior
 from vaekit.priors import FlowPrior, MixtureOfGaussiansPrior, StandardPrior
 
@@ -107,3 +115,14 @@ def test_control_variate_cuts_the_gradient_noise_of_an_iaf_near_the_identity():
         return torch.stack(grads).std(0).norm().item()
 
     assert gradient_spread(corrected=True) < 0.3 * gradient_spread(corrected=False)
+
+
+def test_a_pair_without_closed_form_does_not_switch_other_pairs_of_the_same_types_to_monte_carlo():
+    loc, scale = torch.zeros(3, 4), torch.ones(3, 4)
+    gaussian = Independent(Normal(loc, scale), 1)
+    cauchy = Independent(Cauchy(loc, scale), 1)
+    assert analytic_kl(gaussian, cauchy) is None  # Normal vs Cauchy: no closed form in torch
+    q = Independent(Normal(loc + 1.0, scale), 1)
+    closed = analytic_kl(q, gaussian)  # same outer types (Independent, Independent)
+    assert closed is not None
+    torch.testing.assert_close(closed, torch.full((3,), 2.0))  # sum over 4 dims of 1/2 * 1^2

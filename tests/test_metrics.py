@@ -6,8 +6,8 @@ from functools import partial
 
 import torch
 
+from vaekit.evaluation.metrics import nelbo_terms
 from vaekit.likelihoods import CategoricalLikelihood
-from vaekit.metrics import nelbo_terms
 from vaekit.models import VAE
 from vaekit.nets import MLPNets
 from vaekit.posteriors import PlanarPosterior
@@ -16,8 +16,14 @@ from vaekit.priors import StandardPrior
 
 def test_more_draws_per_example_keep_the_nelbo_and_shrink_its_noise():
     torch.manual_seed(0)
-    model = VAE(3, (1, 4, 4), MLPNets(16, 1), StandardPrior(3), partial(PlanarPosterior, latent_dim=3),
-                CategoricalLikelihood(5))
+    model = VAE(
+        3,
+        (1, 4, 4),
+        MLPNets(16, 1),
+        StandardPrior(3),
+        partial(PlanarPosterior, latent_dim=3),
+        CategoricalLikelihood(5),
+    )
     x = torch.randint(0, 5, (40, 1, 4, 4)) / 4.0
 
     def estimates(samples: int) -> torch.Tensor:

@@ -13,8 +13,8 @@ from torch import nn
 from torch.distributions import Categorical, ComposeTransform, Independent, Laplace, MixtureSameFamily, Normal
 
 from vaekit import priors
-from vaekit.coupling import AffineCoupling, real_nvp
 from vaekit.errors import VaekitError
+from vaekit.flows.realnvp import AffineCoupling, real_nvp
 from vaekit.kl import kl_term
 from vaekit.likelihoods import CategoricalLikelihood
 from vaekit.models import VAE
@@ -298,8 +298,16 @@ def test_bad_prior_settings_are_refused_in_one_sentence(build, message):
 
 def test_each_learnable_prior_trains_from_the_command_line(tmp_path):
     sweep = tmp_path / "sweep"
-    done = run_vaekit("train", "-m", "prior=mog,vampprior,flow", "model.latent_dim=2", *FAST,
-                      "trainer.log_images=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    done = run_vaekit(
+        "train",
+        "-m",
+        "prior=mog,vampprior,flow",
+        "model.latent_dim=2",
+        *FAST,
+        "trainer.log_images=false",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     for job, target in enumerate(("MixtureOfGaussiansPrior", "VampPrior", "FlowPrior")):
         metrics = json.loads((sweep / str(job) / "metrics.json").read_text())

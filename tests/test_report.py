@@ -14,7 +14,7 @@ from conftest import FAST, run_vaekit
 from PIL import Image
 
 from vaekit import cli
-from vaekit.report import RunRecord, collect, markdown, read_curve
+from vaekit.commands.report import RunRecord, collect, markdown, read_curve
 from vaekit.runs import find_runs
 
 FAILURE = "model.latent_dim must be at least 1, not 0."

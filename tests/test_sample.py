@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, run_vaekit
+from conftest import cli_error, run_vaekit
 from omegaconf import OmegaConf
 from PIL import Image
 from torch.distributions import (
@@ -22,10 +22,11 @@ from torch.distributions import (
 from torch.distributions.transforms import ExpTransform
 
 from vaekit import cli
+from vaekit.commands.sample import manifold_axes, sample_figure, tempered_prior_sample
 from vaekit.errors import VaekitError
 from vaekit.latents import lerp, slerp
 from vaekit.runs import load_run
-from vaekit.sample import manifold_axes, sample_figure, tempered_prior_sample
+from vaekit.training.checkpoint import CHECKPOINT_FORMAT
 
 TILE = 8 * 4 + 2  # 8x8 digits are enlarged 4x; make_grid pads 2 pixels
 
@@ -35,14 +36,10 @@ def grid_side(tiles: int) -> int:
     return tiles * TILE + 2
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny digits run with a 2-D latent (so --manifold and --scatter work)."""
-    tmp = tmp_path_factory.mktemp("sample")
-    run = tmp / "run"
-    done = run_vaekit("train", *FAST, "model.latent_dim=2", f"hydra.run.dir={run}", cwd=tmp)
-    assert done.returncode == 0, done.stderr
-    return run
+@pytest.fixture
+def run_dir(trained_run: Path) -> Path:
+    """The session's shared tiny digits run (2-D latent)."""
+    return trained_run
 
 
 def open_png(path: Path) -> np.ndarray:
@@ -51,16 +48,6 @@ def open_png(path: Path) -> np.ndarray:
     pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
     assert pixels.std() > 0, f"{path} is blank"
     return pixels
-
-
-def cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """Run `vaekit <argv>` in-process; assert exit 1 and return its one stderr line."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(list(argv))
-    assert exit_info.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vaekit: error: "), lines
-    return lines[0]
 
 
 def test_sample_command_writes_a_grid_of_prior_samples(run_dir: Path):
@@ -98,7 +85,7 @@ def test_figures_follow_the_seed_and_default_to_the_run_directory(run_dir: Path)
 
 
 def test_interpolation_rows_start_and_end_with_the_test_images(run_dir: Path):
-    from vaekit.sample import interpolations
+    from vaekit.commands.sample import interpolations
 
     run = load_run(run_dir, "cpu")
     tiles = interpolations(run, rows=2, steps=3, seed=0).view(2, 5, *run.data.shape)
@@ -160,16 +147,21 @@ def test_manifold_grid_spans_gaussian_quantiles():
 @pytest.fixture
 def three_d_run(run_dir: Path, tmp_path: Path) -> Path:
     """A run folder whose best.pt holds an (untrained) model with a 3-D latent."""
-    from vaekit.train import build, build_model
+    from vaekit.build import build_dataset, build_model
 
     checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
     config = OmegaConf.create(checkpoint["config"])
     for group in ("model", "prior", "posterior"):
         config[group].latent_dim = 3
-    model = build_model(config, build(config.dataset, "dataset"))
+    model = build_model(config, build_dataset(config))
     folder = tmp_path / "three_d"
     shutil.copytree(run_dir / ".hydra", folder / ".hydra")
-    state = {"config": OmegaConf.to_container(config), "model": model.state_dict(), "fit_state": {"epoch": 0}}
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "config": OmegaConf.to_container(config),
+        "model": model.state_dict(),
+        "fit_state": {"epoch": 0},
+    }
     torch.save(state, folder / "best.pt")
     return folder
 

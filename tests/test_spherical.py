@@ -15,7 +15,6 @@ from conftest import FAST, run_vaekit
 from torch.distributions import kl_divergence
 
 from vaekit.bessel import bessel_iv_ratio, log_bessel_iv, log_bessel_iv_and_ratio
-from vaekit.distributions import HypersphericalUniform, PowerSpherical, VonMisesFisher
 from vaekit.errors import VaekitError
 from vaekit.kl import kl_term
 from vaekit.likelihoods import CategoricalLikelihood
@@ -23,6 +22,7 @@ from vaekit.models import VAE, check_pairing
 from vaekit.nets import MLPNets
 from vaekit.posteriors import PlanarPosterior, PowerSphericalPosterior, VonMisesFisherPosterior
 from vaekit.priors import StandardPrior, UniformSpherePrior
+from vaekit.spherical import HypersphericalUniform, PowerSpherical, VonMisesFisher
 
 special = pytest.importorskip("scipy.special")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vaekit.tb_logger import RunLogger
+from vaekit.loggers.tensorboard import RunLogger
 
 
 def test_embedding_writes_projector_files_that_read_back(tmp_path: Path):

@@ -7,25 +7,27 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from vaekit.checkpoint import load_checkpoint
-from vaekit.data import DeviceData
-from vaekit.flatten import FlatParameters
-from vaekit.tb_logger import RunLogger
-from vaekit.train import CONFIG_DIR, build, build_model
-from vaekit.trainer import Diverged, Trainer
+from vaekit.build import build_dataset, build_model, device_data, instantiate_group
+from vaekit.commands.train import CONFIG_DIR
+from vaekit.loggers.tensorboard import RunLogger
+from vaekit.training.checkpoint import load_checkpoint
+from vaekit.training.flatten import FlatParameters
+from vaekit.training.signals import StopRequest
+from vaekit.training.trainer import Diverged, Trainer
 
 
 def make_trainer(run_dir, *overrides):
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["trainer.progress=false", "model.latent_dim=4", *overrides])
-    raw = build(cfg.dataset, "dataset")
+    raw = build_dataset(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, raw)
-    data = DeviceData(raw, torch.device("cpu"), binarize=False)
+    data = device_data(raw, model, torch.device("cpu"))
     flat = FlatParameters(model)
-    optimizer = build(cfg.optimizer, "optimizer", params=[flat.param])
+    optimizer = instantiate_group(cfg.optimizer, "optimizer", params=[flat.param])
     settings = copy.deepcopy(cfg.trainer)
-    return Trainer(model, flat, optimizer, data, settings, run_dir, RunLogger(run_dir), {})
+    logger = RunLogger(run_dir)
+    return Trainer(model, flat, optimizer, data, settings, run_dir, logger, {}, StopRequest(), 1000)
 
 
 def test_divergence_rolls_back_and_keeps_the_best_model_from_before(tmp_path):

@@ -28,9 +28,22 @@ Runs land in outputs/; watch them with: tensorboard --logdir outputs
 """
 
 COMMANDS = ("train", "evaluate", "sample", "report")
+DEVICE_HELP = "auto (cuda if available, else cpu), cpu, cuda, cuda:1"
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, seed: int) -> None:
+    """RUN_DIR, --seed and --device: what every command on one trained run takes."""
+    parser.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="a run directory that vaekit train wrote"
+    )
+    parser.add_argument("--seed", type=int, default=seed, help=f"seed of every random draw (default {seed})")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:
+    from vaekit.schema import EvalConfig  # the defaults of the final evaluation, eval.*
+
+    defaults = EvalConfig()
     parser = argparse.ArgumentParser(
         prog="vaekit evaluate",
         description=(
@@ -39,22 +52,27 @@ def _evaluate_parser() -> argparse.ArgumentParser:
             "writes eval_<split>_k<k>.json into the run directory. Same --seed, same numbers."
         ),
     )
+    _add_run_arguments(parser, defaults.seed)
     parser.add_argument(
-        "run_dir", type=Path, metavar="RUN_DIR", help="a run directory that vaekit train wrote"
+        "--k",
+        type=int,
+        default=defaults.iw_samples,
+        help=f"importance samples per example (default {defaults.iw_samples}, as eval.iw_samples)",
     )
-    parser.add_argument("--k", type=int, default=5000, help="importance samples per example (default 5000)")
     parser.add_argument(
-        "--nelbo-samples", type=int, default=100, help="draws of z per example in the NELBO (default 100)"
+        "--nelbo-samples",
+        type=int,
+        default=defaults.nelbo_samples,
+        help=f"draws of z per example in the NELBO (default {defaults.nelbo_samples})",
     )
     parser.add_argument(
         "--split", choices=("test", "val"), default="test", help="split to evaluate (default test)"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=500, help="examples per batch; memory stays bounded (default 500)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    parser.add_argument(
-        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1"
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help=f"examples per batch; memory stays bounded (default {defaults.batch_size})",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -74,9 +92,7 @@ def _sample_parser() -> argparse.ArgumentParser:
             "of the component it was drawn from. Other priors (flows, the sphere) refuse T != 1."
         ),
     )
-    parser.add_argument(
-        "run_dir", type=Path, metavar="RUN_DIR", help="a run directory that vaekit train wrote"
-    )
+    _add_run_arguments(parser, seed=0)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--reconstruct",
@@ -123,8 +139,6 @@ def _sample_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", type=Path, default=None, help="PNG file to write (default RUN_DIR/<mode>.png)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda")
     return parser
 
 
@@ -143,7 +157,7 @@ def _report_parser() -> argparse.ArgumentParser:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from vaekit.evaluate import evaluate_run, format_table
+    from vaekit.commands.evaluate import evaluate_run, format_table
 
     result = evaluate_run(
         args.run_dir,
@@ -160,7 +174,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from vaekit.sample import sample_figure
+    from vaekit.commands.sample import sample_figure
 
     path = sample_figure(
         args.run_dir, args.mode, args.n, args.out, args.temperature, args.steps, args.seed, args.device
@@ -169,7 +183,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from vaekit.report import report
+    from vaekit.commands.report import report
 
     table, csv_path, png_path = report(args.dir)
     print(table)
@@ -213,15 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     if command != "train":
         run_tool(command, rest)
         return
-    from vaekit import train  # deferred: imports torch and Hydra
+    from vaekit.commands import train  # deferred: imports torch and Hydra
 
     sys.argv = [f"{sys.argv[0]} {command}", *rest]
-    train.hydra_main()
-    if train.FAILED_JOBS:
-        print(f"vaekit: {len(train.FAILED_JOBS)} sweep job(s) failed:", file=sys.stderr)
-        for line in train.FAILED_JOBS:
-            print(f"  {line}", file=sys.stderr)
-        sys.exit(1)
+    train.hydra_main()  # a sweep's failed jobs are summarised by vaekit.commands.sweep
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The one exception type that means "the user asked for something we can't do"."""
+"""User-facing errors: one clear sentence each, shown without a traceback."""
 
 
 class VaekitError(Exception):

@@ -17,14 +17,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution
 
 from vaekit.errors import VaekitError
 from vaekit.kl import kl_term
 from vaekit.latents import MC_MEAN_SAMPLES, mean_of
 from vaekit.likelihoods import Likelihood
 from vaekit.models import ELBO, check_pairing, iw_log_likelihood, make_elbo
-from vaekit.posteriors import Posterior
+from vaekit.posteriors import Posterior, diagonal_normal
 from vaekit.priors import Prior
 
 # Log-variances produced by the model are soft-clamped to (-LOG_VAR_BOUND, LOG_VAR_BOUND):
@@ -41,11 +41,6 @@ def split_gaussian_params(params: Tensor) -> tuple[Tensor, Tensor]:
     """(B, 2L) -> mean (B, L), log-variance (B, L) soft-clamped to +-LOG_VAR_BOUND."""
     mu, raw = params.chunk(2, dim=-1)
     return mu, LOG_VAR_BOUND * torch.tanh(raw / LOG_VAR_BOUND)
-
-
-def diagonal_gaussian(mu: Tensor, log_var: Tensor) -> Distribution:
-    """N(mu, diag(exp(log_var))): batch = mu.shape[:-1], event (L,)."""
-    return Independent(Normal(mu, torch.exp(0.5 * log_var), validate_args=False), 1)
 
 
 def relative_gaussian_kl(delta_mu: Tensor, log_var: Tensor, delta_log_var: Tensor) -> Tensor:
@@ -198,7 +193,7 @@ class TwoLevelVAE(HierarchicalVAE):
 
     def q_z1(self, x: Tensor) -> Distribution:
         """q(z1|x): batch (B,), event (L1,)."""
-        return diagonal_gaussian(*split_gaussian_params(self.q_z1_head(self.encoder(x))))
+        return diagonal_normal(*split_gaussian_params(self.q_z1_head(self.encoder(x))))
 
     def q_z2(self, z1: Tensor) -> Distribution:
         """q(z2|z1) for z1 (M, L1): batch (M,), event (L2,)."""
@@ -210,7 +205,7 @@ class TwoLevelVAE(HierarchicalVAE):
 
     def p_z(self, i: int, z_above: Tensor) -> Distribution:
         """p(z1|z2) for z2 (M, L2): batch (M,), event (L1,)."""
-        return diagonal_gaussian(*split_gaussian_params(self.p_z1_net(z_above)))
+        return diagonal_normal(*split_gaussian_params(self.p_z1_net(z_above)))
 
     def forward(self, x: Tensor, beta: float = 1.0, free_bits: float = 0.0) -> ELBO:
         """x (B, *shape) -> ELBO of per-example terms (B,), levels "z1", "z2"."""
@@ -301,7 +296,7 @@ class TopDownVAE(HierarchicalVAE):
 
     def p_z(self, i: int, z_above: Tensor) -> Distribution:
         """p(z_i | z_{i+1}) for 0-based level i < N-1, z_above (M, L_{i+1}): batch (M,)."""
-        return diagonal_gaussian(*split_gaussian_params(self.top_down[i](z_above)))
+        return diagonal_normal(*split_gaussian_params(self.top_down[i](z_above)))
 
     def _step(self, i: int, z_above: Tensor, r_i: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Level i's prior and relative posterior parameters: mu, log s^2, dmu, log ds^2 (M, L_i)."""
@@ -332,9 +327,9 @@ class TopDownVAE(HierarchicalVAE):
         for i in reversed(range(self.levels - 1)):
             r_rep = r[i].expand(k, *r[i].shape).reshape(-1, r[i].shape[-1])  # (k * B, H)
             mu, log_var, delta_mu, delta_log_var = self._step(i, z, r_rep)
-            q_i = diagonal_gaussian(mu + delta_mu, log_var + delta_log_var)
+            q_i = diagonal_normal(mu + delta_mu, log_var + delta_log_var)
             z_i = q_i.rsample()
-            log_w = log_w + (diagonal_gaussian(mu, log_var).log_prob(z_i) - q_i.log_prob(z_i)).view(k, -1)
+            log_w = log_w + (diagonal_normal(mu, log_var).log_prob(z_i) - q_i.log_prob(z_i)).view(k, -1)
             z = z_i
         return log_w + self._log_p_x(x, z, k)
 

@@ -16,22 +16,18 @@ from torch.distributions import (
 
 from vaekit.flows import FlowDistribution
 
-_HAS_CLOSED_FORM: dict[tuple[type, type], bool] = {}
-
 
 def analytic_kl(q: Distribution, p: Distribution) -> Tensor | None:
     """KL(q || p) in closed form (torch's or a `@register_kl` of ours), or None where the
-    pair has none. Whether a pair of types has one is remembered, so the lookup is paid once."""
-    pair = (type(q), type(p))
-    if not _HAS_CLOSED_FORM.get(pair, True):
-        return None
+    pair has none.
+
+    Nothing is cached here: whether a pair has a closed form can depend on more than the two
+    outer types (Independent pairs are decided by their inner distributions, transformed ones
+    by their transforms), and torch already memoizes its lookup by type pair."""
     try:
-        kl = kl_divergence(q, p)
+        return kl_divergence(q, p)
     except NotImplementedError:
-        _HAS_CLOSED_FORM[pair] = False
         return None
-    _HAS_CLOSED_FORM[pair] = True
-    return kl
 
 
 def kl_term(q: Distribution, p: Distribution, z: Tensor) -> Tensor:

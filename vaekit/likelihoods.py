@@ -85,10 +85,6 @@ class BernoulliLikelihood(Likelihood):
     num_params = 1
     binary_data = True
 
-    def __init__(self, binarize_seed: int = 1234) -> None:
-        super().__init__()
-        self.binarize_seed = binarize_seed
-
     def forward(self, params: Tensor) -> Distribution:
         logits = params.squeeze(-1)  # (B, *shape)
         return Independent(Bernoulli(logits=logits, validate_args=False), logits.dim() - 1)

@@ -71,13 +71,6 @@ def check_pairing(prior: Prior, posterior: Posterior) -> None:
         )
 
 
-def _mean_or_sample(q: Distribution) -> Tensor:
-    try:
-        return q.mean
-    except NotImplementedError:  # e.g. flow posteriors have no closed-form mean
-        return q.rsample()
-
-
 def iw_log_likelihood(
     log_weights: Callable[[Tensor, int], Tensor], x: Tensor, k: int, outputs_per_example: int
 ) -> Tensor:
@@ -143,7 +136,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """Mean of p(x|z) at the posterior mean of q(z|x): (B, *shape)."""
-        return self.p_x(_mean_or_sample(self.q_z(x))).mean
+        return self.p_x(mean_of(self.q_z(x))).mean
 
     def log_weights(self, x: Tensor, k: int) -> Tensor:
         """log p(x, z_j) - log q(z_j|x) for k samples z_j ~ q(z|x): shape (k, B)."""

@@ -69,7 +69,20 @@ def bn_mlp(sizes: list[int], final_activation: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class MLPNets:
+class VectorNets:
+    """What every net option offers for flat vectors (the latents are vectors even when x is
+    an image); a subclass sets `hidden_dim`."""
+
+    hidden_dim: int
+
+    def bn_vector_net(self, in_dim: int, out_dim: int | None = None) -> nn.Module:
+        """Small net on flat vectors (latent-to-latent maps, heads, residual branches): one
+        hidden layer of `hidden_dim` with BatchNorm; (B, in_dim) -> (B, out_dim), or the
+        activated hidden layer (B, hidden_dim) when out_dim is None."""
+        return bn_mlp([in_dim, self.hidden_dim] + ([] if out_dim is None else [out_dim]), out_dim is None)
+
+
+class MLPNets(VectorNets):
     """Fully connected nets with `num_layers` hidden layers of `hidden_dim` units."""
 
     def __init__(self, hidden_dim: int = 256, num_layers: int = 2) -> None:
@@ -102,14 +115,8 @@ class MLPNets:
         sizes = [latent_dim] + [self.hidden_dim] * self.num_layers + [math.prod(shape) * num_params]
         return nn.Sequential(bn_mlp(sizes, final_activation=False), Reshape(*shape, num_params))
 
-    def bn_vector_net(self, in_dim: int, out_dim: int | None = None) -> nn.Module:
-        """Small net on flat vectors (latent-to-latent maps, heads, residual branches): one
-        hidden layer of `hidden_dim` with BatchNorm; (B, in_dim) -> (B, out_dim), or the
-        activated hidden layer (B, hidden_dim) when out_dim is None."""
-        return bn_mlp([in_dim, self.hidden_dim] + ([] if out_dim is None else [out_dim]), out_dim is None)
 
-
-class ConvNets:
+class ConvNets(VectorNets):
     """Two stride-2 convolutions (H and W divisible by 4), mirrored in the decoder."""
 
     def __init__(self, channels: int = 32, hidden_dim: int = 256) -> None:
@@ -187,9 +194,3 @@ class ConvNets:
             nn.ConvTranspose2d(ch, c * num_params, 4, stride=2, padding=1),
             ChannelsLast(c, num_params),
         )
-
-    def bn_vector_net(self, in_dim: int, out_dim: int | None = None) -> nn.Module:
-        """Small net on flat vectors (the latents are vectors even when x is an image): one
-        hidden layer of `hidden_dim` with BatchNorm; (B, in_dim) -> (B, out_dim), or the
-        activated hidden layer (B, hidden_dim) when out_dim is None."""
-        return bn_mlp([in_dim, self.hidden_dim] + ([] if out_dim is None else [out_dim]), out_dim is None)

@@ -15,8 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
-from vaekit.autoregressive import GATE_BIAS, ConditionalAffineAutoregressive
-from vaekit.distributions import PowerSpherical, VonMisesFisher
 from vaekit.errors import VaekitError
 from vaekit.flows import (
     FlowDistribution,
@@ -27,7 +25,9 @@ from vaekit.flows import (
     permutation_matrix,
     sylvester_triangular,
 )
+from vaekit.flows.iaf import GATE_BIAS, ConditionalAffineAutoregressive
 from vaekit.rng import own_rng
+from vaekit.spherical import PowerSpherical, VonMisesFisher
 
 
 class Posterior(nn.Module):
@@ -55,11 +55,13 @@ class GaussianPosterior(Posterior):
 
     def forward(self, h: Tensor) -> Distribution:
         mu, log_var = self.head(h).chunk(2, dim=-1)  # (B, L) each
-        return Independent(Normal(mu, torch.exp(0.5 * log_var), validate_args=False), 1)
+        return diagonal_normal(mu, log_var)
 
 
 def diagonal_normal(mu: Tensor, log_var: Tensor) -> Distribution:
-    """N(mu, diag(exp(log_var))): batch (*B,), event (L,) for mu, log_var (*B, L)."""
+    """N(mu, diag(exp(log_var))): batch (*B,), event (L,) for mu, log_var (*B, L). The one
+    diagonal Gaussian of q(z|x): the Gaussian posterior, the base of the flow posteriors, and
+    the conditional levels of the hierarchical models."""
     return Independent(Normal(mu, torch.exp(0.5 * log_var), validate_args=False), 1)
 
 

@@ -17,8 +17,8 @@ from torch.distributions import (
     TransformedDistribution,
 )
 
-from vaekit.coupling import real_nvp
 from vaekit.errors import VaekitError
+from vaekit.flows.realnvp import real_nvp
 from vaekit.rng import own_rng
 
 
@@ -217,7 +217,7 @@ class VampPrior(Prior):
 
 class FlowPrior(Prior):
     """RealNVP prior (Dinh et al., 2017): z = f(e), e ~ N(0, I_L), f = f_F o ... o f_1 a stack
-    of `num_flows` affine couplings with alternating masks (vaekit.coupling).
+    of `num_flows` affine couplings with alternating masks (vaekit.flows.realnvp).
 
         log p(z) = log N(f^{-1}(z); 0, I) - sum_i log|det J_{f_i}(e_{i-1})|
 
@@ -253,7 +253,7 @@ class UniformSpherePrior(Prior):
 
     def forward(self) -> Distribution:
         """Batch (), event (L,)."""
-        from vaekit.distributions import HypersphericalUniform  # here: this block stays self-contained
+        from vaekit.spherical import HypersphericalUniform  # here: this block stays self-contained
 
         anchor = self.anchor
         return HypersphericalUniform(self.latent_dim, anchor.device, anchor.dtype, validate_args=False)

@@ -7,6 +7,8 @@ an epoch has finished `best.pt` and `last.pt`; `metrics.json` appears when the r
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import warnings
@@ -68,11 +70,22 @@ def require_run_dir(path: Path) -> Path:
     raise VaekitError(f"{path} is not a vaekit run directory (no .hydra/, metrics.json or best.pt inside).")
 
 
-def resolve_device(name: str) -> torch.device:
-    """--device: 'auto' -> cuda when available, else cpu; anything else must be usable here."""
-    from vaekit.train import resolve_device as resolve
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file, then os.replace); non-finite numbers become null."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_finite_or_null(payload), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
-    return resolve(name, "--device")
+
+def _finite_or_null(value: Any) -> Any:
+    """JSON has no NaN or infinity: they become null, at any depth."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def _first_sentence(error: BaseException) -> str:
@@ -134,14 +147,14 @@ def load_run(run_dir: Path, device_name: str = "auto") -> LoadedRun:
         raise VaekitError(
             f"{run_dir} has no best.pt (the run failed or has not finished its first epoch yet)."
         )
-    device = resolve_device(device_name)
-
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from vaekit.checkpoint import load_checkpoint
-    from vaekit.data import DeviceData
-    from vaekit.train import build, build_model
+    from vaekit.build import build_dataset, build_model, device_data, resolve_device
+    from vaekit.schema import upgrade_config
+    from vaekit.training.checkpoint import load_checkpoint
+
+    device = resolve_device(device_name, "--device")
 
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols: noise for the user
@@ -156,9 +169,9 @@ def load_run(run_dir: Path, device_name: str = "auto") -> LoadedRun:
     if not isinstance(checkpoint.get("model"), dict):
         raise VaekitError(f"{path} is not a vaekit checkpoint (it holds no model weights).")
     try:
-        config = OmegaConf.create(checkpoint["config"])
+        config = OmegaConf.create(upgrade_config(checkpoint["config"]))
         _locate_dataset_root(config, run_dir)
-        raw = build(config.dataset, "dataset")
+        raw = build_dataset(config)
         model = build_model(config, raw)
     except OmegaConfBaseException as error:
         raise VaekitError(f"The config saved in {path} cannot be used ({error}).") from error
@@ -168,7 +181,6 @@ def load_run(run_dir: Path, device_name: str = "auto") -> LoadedRun:
         first_line = str(error).strip().splitlines()[0]
         raise VaekitError(f"{path} does not fit the model its config describes ({first_line}).") from error
     model.to(device).eval()
-    likelihood = model.likelihood
-    data = DeviceData(raw, device, likelihood.binary_data, getattr(likelihood, "binarize_seed", 0))
+    data = device_data(raw, model, device)
     epoch = int(checkpoint.get("fit_state", {}).get("epoch", 0))
     return LoadedRun(run_dir, path, epoch, config, model, raw, data, device)

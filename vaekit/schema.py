@@ -1,4 +1,5 @@
-"""Typed schema of the run settings, registered with Hydra's ConfigStore.
+"""Typed schema of the run settings, registered with Hydra's ConfigStore: each default is
+written once, here (the yaml files do not repeat them).
 
 The trainer and eval nodes are dataclasses, so a misspelled key or a value of the wrong
 type fails when the config is loaded, not an hour into training. The component groups
@@ -7,10 +8,12 @@ option is a `_target_` plus its arguments, and Hydra's struct mode still rejects
 they do not declare.
 """
 
-from dataclasses import dataclass, field
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 
@@ -31,7 +34,6 @@ class TrainerConfig:
     max_nonfinite_steps: int = 5  # non-finite steps in a row that trigger a roll-back
     max_rollbacks: int = 3  # roll-backs (to the last good epoch, lower lr) before giving up
     rollback_lr_factor: float = 0.5  # the learning rate is multiplied by this at each roll-back
-    eval_batch_size: int = 1000
     log_images: bool = True  # sample / reconstruction grids when validation improves,
     image_every: int = 5  # ... at most every this many epochs (and the best model's at the end)
     progress: bool = True  # tqdm progress bars
@@ -40,11 +42,12 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    """Final evaluation of the best checkpoint on the test split."""
+    """Evaluation: every epoch's validation NELBO and the final test metrics of best.pt."""
 
     iw_samples: int = 1000  # k of the importance-weighted log-likelihood estimate
     nelbo_samples: int = 100  # draws of z per example averaged in the test NELBO
-    batch_size: int = 500  # test examples per chunk of the IW estimate
+    batch_size: int = 1000  # examples per forward pass, in validation and in the final evaluation
+    seed: int = 0  # seeds each stage of the final evaluation, as `vaekit evaluate --seed` does
 
 
 @dataclass
@@ -75,5 +78,33 @@ def _last_size(sizes: Any) -> int:
 def register_schema() -> None:
     """Make `train_schema` available to the defaults list of `train.yaml`, and register the
     resolver `vaekit_last` that hierarchical model configs use for their top latent size."""
+    from hydra.core.config_store import ConfigStore  # here: importing the schema registers nothing
+
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     OmegaConf.register_new_resolver("vaekit_last", _last_size, replace=True)
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config saved by an earlier vaekit, in today's layout (a new dict).
+
+    Earlier runs sized evaluation with `trainer.eval_batch_size` beside `eval.batch_size`, and
+    kept the binarization seed on the Bernoulli likelihood; today both live in one place.
+    Trainer and eval settings added since take their defaults.
+    """
+    config = copy.deepcopy(config)
+    for key, settings in (("trainer", TrainerConfig()), ("eval", EvalConfig())):
+        node = config.setdefault(key, {})
+        if isinstance(node, dict):
+            for name, value in asdict(settings).items():
+                node.setdefault(name, value)
+    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
+    old_batch = trainer.pop("eval_batch_size", None)
+    evaluation = config.get("eval")
+    if old_batch is not None and isinstance(evaluation, dict) and "batch_size" not in evaluation:
+        evaluation["batch_size"] = old_batch
+    likelihood, dataset = config.get("likelihood"), config.get("dataset")
+    if isinstance(likelihood, dict) and "binarize_seed" in likelihood:
+        seed = likelihood.pop("binarize_seed")
+        if isinstance(dataset, dict):
+            dataset.setdefault("binarize_seed", seed)
+    return config

@@ -1,0 +1,112 @@
+"""Config -> device, data and model: the one assembly, used by the commands, runs, tests and
+scripts. Importing it registers nothing with Hydra (the `vaekit train` app lives in
+vaekit/commands/train.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from vaekit.data import DeviceData, RawSplits
+from vaekit.errors import VaekitError
+
+
+@dataclass
+class Built:
+    """What `build` assembles from a config: the device, the uint8 splits, the model on the
+    device, and the float splits beside it (binarized once where the likelihood asks)."""
+
+    device: torch.device
+    raw: RawSplits
+    model: torch.nn.Module
+    data: DeviceData
+
+
+def resolve_device(name: str, option: str = "trainer.device") -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else must be usable here.
+
+    `option` names the setting in error messages (trainer.device=..., or --device ...).
+    """
+    said = f"{option}={name}" if option.startswith("trainer") else f"{option} {name}"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise VaekitError(f"{said} is not a device name (try auto, cpu or cuda).") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VaekitError(f"{said} was asked for, but no CUDA GPU is available here.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise VaekitError(f"{said} was asked for, but MPS is not available here.")
+    return device
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Values the schema's types cannot rule out: one sentence for the first bad one."""
+    t, e = cfg.trainer, cfg.eval
+    rules = [
+        (t.max_epochs >= 1, f"trainer.max_epochs must be at least 1, not {t.max_epochs}."),
+        (t.patience >= 0, f"trainer.patience must be 0 or more, not {t.patience}."),
+        (t.min_delta >= 0, f"trainer.min_delta must be 0 or more, not {t.min_delta}."),
+        (t.batch_size >= 1, f"trainer.batch_size must be at least 1, not {t.batch_size}."),
+        (t.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps must be at least 1."),
+        (t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip must be positive (or null)."),
+        (t.num_threads is None or t.num_threads >= 1, "trainer.num_threads must be at least 1 (or null)."),
+        (e.iw_samples >= 1, f"eval.iw_samples must be at least 1, not {e.iw_samples}."),
+        (e.nelbo_samples >= 1, f"eval.nelbo_samples must be at least 1, not {e.nelbo_samples}."),
+        (e.batch_size >= 1, f"eval.batch_size must be at least 1, not {e.batch_size}."),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise VaekitError(message)
+
+
+def instantiate_group(node: DictConfig, group: str, **kwargs: Any) -> Any:
+    """instantiate() one config group option; errors become one VaekitError sentence."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, VaekitError):
+            raise error.__cause__ from None
+        first_line = str(error).strip().splitlines()[0]
+        raise VaekitError(f"Could not build the {group} from its config: {first_line}") from error
+
+
+def build_dataset(cfg: DictConfig) -> RawSplits:
+    """The dataset group's splits (uint8, on the CPU, checked at load)."""
+    return instantiate_group(cfg.dataset, "dataset")
+
+
+def build_model(cfg: DictConfig, raw: RawSplits) -> torch.nn.Module:
+    """Model from the model, net, prior, posterior and likelihood groups, for this dataset."""
+    likelihood = instantiate_group(cfg.likelihood, "likelihood")
+    likelihood.check_dataset(raw.num_levels)
+    return instantiate_group(
+        cfg.model,
+        "model",
+        data_shape=raw.shape,
+        net=instantiate_group(cfg.net, "net"),
+        prior=instantiate_group(cfg.prior, "prior"),
+        make_posterior=instantiate_group(cfg.posterior, "posterior", _partial_=True),
+        likelihood=likelihood,
+    )
+
+
+def device_data(raw: RawSplits, model: torch.nn.Module, device: torch.device) -> DeviceData:
+    """The splits on the device, binarized when the model's likelihood is Bernoulli."""
+    return DeviceData(raw, device, model.likelihood.binary_data)
+
+
+def build(cfg: DictConfig, device: torch.device) -> Built:
+    """Dataset, model (on `device`) and device-resident data of a config, in that order, so the
+    model's initial weights follow the global seed set before the call."""
+    raw = build_dataset(cfg)
+    model = build_model(cfg, raw).to(device)
+    return Built(device, raw, model, device_data(raw, model, device))

@@ -1,0 +1,1 @@
+"""The `vaekit` subcommands: train (the Hydra app), evaluate, sample, report."""

@@ -1,0 +1,93 @@
+"""PNG figures: image grids (pixels, no axes) and matplotlib plots (scatter, curves).
+
+matplotlib is used through `matplotlib.figure.Figure` only (no pyplot): no global state,
+no GUI backend, safe in a headless process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+DPI = 100
+
+
+def save_grid(images: Tensor, path: Path, nrow: int) -> Path:
+    """Save images (N, C, H, W) in [0, 1] as one PNG grid with `nrow` images per row.
+
+    Small images (8x8 digits) are enlarged by an integer factor, as in TensorBoard.
+    """
+    from PIL import Image
+
+    from vaekit.loggers.tensorboard import image_grid  # one rule for grids, here and in TensorBoard
+
+    grid = image_grid(images, nrow=nrow)  # (3, H', W') in [0, 1]
+    pixels = grid.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def save_scatter(points: np.ndarray, labels: np.ndarray, path: Path, title: str) -> Path:
+    """Scatter plot of points (N, 2) coloured by integer labels (N,), with a legend."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.5, 6), dpi=DPI)
+    axes = figure.add_subplot()
+    classes = np.unique(labels)
+    colours = _colours(len(classes))
+    for colour, label in zip(colours, classes, strict=True):
+        chosen = labels == label
+        axes.scatter(points[chosen, 0], points[chosen, 1], s=8, alpha=0.7, color=colour, label=str(label))
+    axes.set_xlabel("z[0] (posterior mean)")
+    axes.set_ylabel("z[1] (posterior mean)")
+    axes.set_title(title, fontsize=10)
+    axes.legend(title="label", loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=2, frameon=False)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def save_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str, ylabel: str) -> Path:
+    """Line plot of (step, value) curves, one line per name; a note when there are none."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 5.5), dpi=DPI)
+    axes = figure.add_subplot()
+    colours = _colours(len(curves))
+    for colour, (name, points) in zip(colours, curves.items(), strict=True):
+        steps, values = zip(*points, strict=True) if points else ((), ())
+        axes.plot(steps, values, color=colour, label=name, marker="." if len(points) < 30 else None)
+    if not any(curves.values()):
+        axes.text(0.5, 0.5, "no validation curves found", ha="center", va="center", transform=axes.transAxes)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    if any(curves.values()):
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def _colours(n: int) -> list[tuple[float, ...]]:
+    """n distinguishable colours: tab10, then tab20, then a continuous map."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["viridis"](i / max(n - 1, 1)) for i in range(n)]
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path

@@ -1,0 +1,224 @@
+"""`vaekit sample`: PNG figures of a trained run's best.pt.
+
+Modes: prior samples (default, with an optional temperature), test images beside their
+reconstructions, interpolations between test images in latent space, and for 2-D latents
+the decoded latent manifold and a scatter of test-set posterior means coloured by label.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import (
+    Distribution,
+    Independent,
+    LowRankMultivariateNormal,
+    MixtureSameFamily,
+    MultivariateNormal,
+    Normal,
+)
+
+from vaekit.commands.figures import save_grid, save_scatter
+from vaekit.errors import VaekitError
+from vaekit.latents import lerp, mean_of, posterior_means, require_one_level, slerp
+from vaekit.runs import LoadedRun, load_run
+
+MODES = ("samples", "reconstruct", "interpolate", "manifold", "scatter")
+DEFAULT_N = {"samples": 64, "reconstruct": 32, "interpolate": 8}  # images / pairs / rows
+DEFAULT_STEPS = {"interpolate": 10, "manifold": 20}
+MANIFOLD_QUANTILES = (0.05, 0.95)  # the grid spans these prior quantiles in each dimension
+EMPIRICAL_QUANTILE_SAMPLES = 20000
+
+
+def _is_gaussian(distribution: Distribution) -> bool:
+    while isinstance(distribution, Independent):
+        distribution = distribution.base_dist
+    return isinstance(distribution, (Normal, MultivariateNormal, LowRankMultivariateNormal))
+
+
+def tempered_prior_sample(p_z: Distribution, n: int, temperature: float) -> Tensor:
+    """n draws z (n, L) from p(z), spread around the mean by `temperature`.
+
+    Gaussian prior N(m, S): z = m + T (z0 - m), z0 ~ p(z), i.e. N(m, T^2 S).
+    Mixture of Gaussians (MixtureSameFamily, e.g. prior=mog, or a VampPrior of Gaussian
+    posteriors): pick the component as usual, then scale around that component's mean.
+    T = 1 is plain sampling from any prior; other priors (flows, priors on the sphere) have
+    no mean to scale around that keeps the sample in the prior's typical set, so T != 1
+    is refused for them.
+    """
+    if temperature <= 0 or not math.isfinite(temperature):
+        raise VaekitError(f"--temperature must be a positive number, not {temperature}.")
+    if temperature == 1.0:
+        return p_z.sample((n,))
+    if _is_gaussian(p_z):
+        z0 = p_z.sample((n,))
+        return p_z.mean + temperature * (z0 - p_z.mean)
+    if isinstance(p_z, MixtureSameFamily) and _is_gaussian(p_z.component_distribution):
+        components = p_z.component_distribution  # batch (K,), event (L,)
+        which = p_z.mixture_distribution.sample((n,))  # (n,)
+        z0 = components.sample((n,))  # (n, K, L)
+        z = components.mean + temperature * (z0 - components.mean)
+        return z[torch.arange(n, device=z.device), which]
+    raise VaekitError(
+        f"--temperature applies to Gaussian and Gaussian-mixture priors only; this run's prior "
+        f"gives a {type(p_z).__name__}: use --temperature 1."
+    )
+
+
+@torch.no_grad()
+def decode(model: nn.Module, z: Tensor) -> Tensor:
+    """Mean of p(x|z) for latent codes z (N, L): images (N, C, H, W)."""
+    return model.p_x(z).mean
+
+
+@torch.no_grad()
+def samples(run: LoadedRun, n: int, temperature: float = 1.0) -> Tensor:
+    """n images (n, C, H, W): means of p(x|z) for z from the (tempered) prior."""
+    model = run.model
+    if temperature == 1.0:
+        return model.sample(n)  # any model: its own ancestral sampler
+    require_one_level(model, "--temperature")
+    return decode(model, tempered_prior_sample(model.prior(), n, temperature))
+
+
+@torch.no_grad()
+def reconstructions(run: LoadedRun, n: int) -> tuple[Tensor, int]:
+    """The first n test images and their reconstructions: rows of 8 originals over 8 reconstructions.
+
+    Returns images (2n', C, H, W) for n' = n rounded up to full rows (when the test set allows) and
+    the number of images per row.
+    """
+    x = run.data.test[:n]
+    x_hat = run.model.reconstruct(x)
+    per_row = min(8, x.shape[0])
+    rows = []
+    for start in range(0, x.shape[0], per_row):
+        original, rebuilt = x[start : start + per_row], x_hat[start : start + per_row]
+        if original.shape[0] < per_row:  # pad the last row with blank tiles
+            pad = per_row - original.shape[0]
+            original = torch.cat([original, original.new_zeros(pad, *original.shape[1:])])
+            rebuilt = torch.cat([rebuilt, rebuilt.new_zeros(pad, *rebuilt.shape[1:])])
+        rows += [original, rebuilt]
+    return torch.cat(rows), per_row
+
+
+@torch.no_grad()
+def interpolations(run: LoadedRun, rows: int, steps: int, seed: int) -> Tensor:
+    """rows x (steps + 2) images: test image a, decodings from a's to b's latent mean, image b.
+
+    Pairs of test images are drawn with `seed`. The path is the straight line between the
+    posterior means, or the great circle (slerp) when the posterior lives on the sphere.
+    """
+    model = run.model
+    require_one_level(model, "--interpolate")
+    x = run.data.test
+    if x.shape[0] < 2:
+        raise VaekitError("--interpolate needs at least two test images.")
+    generator = torch.Generator().manual_seed(seed)
+    picks = [torch.randperm(x.shape[0], generator=generator)[:2] for _ in range(rows)]
+    pairs = x[torch.stack(picks).to(x.device)]  # (rows, 2, C, H, W)
+    means = mean_of(model.q_z(pairs.flatten(0, 1))).view(rows, 2, -1)  # (rows, 2, L)
+    path = slerp if getattr(model.posterior, "on_sphere", False) else lerp
+    tiles = []
+    for (a, b), (za, zb) in zip(pairs, means, strict=True):
+        tiles += [a[None], decode(model, path(za, zb, steps)), b[None]]
+    return torch.cat(tiles)
+
+
+def _require_plane(run: LoadedRun, what: str) -> None:
+    model = run.model
+    require_one_level(model, what)
+    latent_dim = getattr(model, "latent_dim", None)
+    if latent_dim != 2:
+        raise VaekitError(
+            f"{what} needs a 2-D latent, but this run has model.latent_dim={latent_dim}: "
+            f"train with model.latent_dim=2 (or explore the latents in TensorBoard's projector)."
+        )
+
+
+def manifold_axes(p_z: Distribution, steps: int) -> Tensor:
+    """Grid coordinates per latent dimension (2, steps) at evenly spaced prior quantiles.
+
+    Exact Gaussian quantiles for a factorised Gaussian prior (Kingma & Welling, 2014, fig. 4);
+    otherwise empirical quantiles of the marginals from EMPIRICAL_QUANTILE_SAMPLES prior draws.
+    """
+    levels = torch.linspace(*MANIFOLD_QUANTILES, steps)
+    base = p_z.base_dist if isinstance(p_z, Independent) else p_z
+    if isinstance(base, Normal):
+        loc, scale = base.loc.detach().cpu(), base.scale.detach().cpu()  # (2,)
+        return Normal(loc[:, None], scale[:, None]).icdf(levels[None, :])
+    z = p_z.sample((EMPIRICAL_QUANTILE_SAMPLES,)).detach().cpu().float()  # (S, 2)
+    return torch.quantile(z, levels, dim=0).T
+
+
+@torch.no_grad()
+def manifold(run: LoadedRun, steps: int) -> Tensor:
+    """steps x steps decodings over the latent plane; z[0] grows to the right, z[1] upwards."""
+    _require_plane(run, "--manifold")
+    model = run.model
+    if getattr(model.posterior, "on_sphere", False):
+        raise VaekitError(
+            "--manifold decodes a grid over the plane, but this run's latent lives on the circle."
+        )
+    axes = manifold_axes(model.prior(), steps)  # (2, steps)
+    z1, z0 = torch.meshgrid(axes[1].flip(0), axes[0], indexing="ij")  # top row: largest z[1]
+    z = torch.stack([z0.reshape(-1), z1.reshape(-1)], dim=1).to(run.device)  # (steps^2, 2)
+    return decode(model, z)
+
+
+def sample_figure(
+    run_dir: Path,
+    mode: str = "samples",
+    n: int | None = None,
+    out: Path | None = None,
+    temperature: float | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+) -> Path:
+    """Draw one figure of `run_dir/best.pt` as a PNG; returns its path.
+
+    Defaults: n = 64 samples, 32 reconstructed test images, 8 interpolation rows; steps =
+    10 points per interpolation, a 20 x 20 manifold; out = <run_dir>/<mode>.png.
+    """
+    if mode not in MODES:
+        raise VaekitError(f"mode must be one of {', '.join(MODES)}, not {mode}.")
+    n = DEFAULT_N.get(mode, 0) if n is None else n
+    steps = DEFAULT_STEPS.get(mode, 0) if steps is None else steps
+    if mode in DEFAULT_N and n < 1:
+        raise VaekitError(f"--n must be at least 1, not {n}.")
+    if mode in DEFAULT_STEPS and steps < 2:
+        raise VaekitError(f"--steps must be at least 2, not {steps}.")
+    if temperature is not None and mode != "samples":
+        raise VaekitError("--temperature applies to prior samples only, not to --" + mode + ".")
+    temperature = 1.0 if temperature is None else temperature
+    if temperature <= 0 or not math.isfinite(temperature):
+        raise VaekitError(f"--temperature must be a positive number, not {temperature}.")
+    if out is not None and Path(out).suffix.lower() != ".png":
+        raise VaekitError(f"--out must name a .png file, not {out}.")
+
+    run = load_run(Path(run_dir), device)
+    if len(run.data.shape) != 3:
+        raise VaekitError(
+            f"vaekit sample draws images, but this run's data have shape {list(run.data.shape)}."
+        )
+    out = Path(out) if out is not None else run.run_dir / f"{mode}.png"
+    torch.manual_seed(seed)
+    if mode == "samples":
+        return save_grid(samples(run, n, temperature), out, nrow=min(8, n))
+    if mode == "reconstruct":
+        images, per_row = reconstructions(run, n)
+        return save_grid(images, out, nrow=per_row)
+    if mode == "interpolate":
+        return save_grid(interpolations(run, n, steps, seed), out, nrow=steps + 2)
+    if mode == "manifold":
+        return save_grid(manifold(run, steps), out, nrow=steps)
+    _require_plane(run, "--scatter")
+    means = posterior_means(run.model, run.data.test, 1000)
+    points = next(iter(means.values())).cpu().numpy()
+    labels = run.raw.test_labels.cpu().numpy()
+    title = f"test-set posterior means: {run.run_dir.name} (epoch {run.epoch})"
+    return save_scatter(points, labels, out, title)

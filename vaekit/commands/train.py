@@ -1,0 +1,251 @@
+"""`vaekit train`: compose the config, build data and model, fit, evaluate, write metrics.json.
+
+train(cfg, run_dir) does the work and returns the final metrics; `hydra_main` is the thin
+Hydra wrapper that the CLI calls. Importing this module registers the schema and resolvers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from vaekit.build import build, check_settings, instantiate_group, resolve_device
+from vaekit.data import DeviceData
+from vaekit.errors import RunStopped, VaekitError
+from vaekit.evaluation.metrics import evaluate_model
+from vaekit.runs import write_json
+from vaekit.schema import register_schema
+from vaekit.training.checkpoint import load_checkpoint
+from vaekit.training.flatten import FlatParameters
+from vaekit.training.resume import register_resolvers, resumed_config
+from vaekit.training.signals import StopRequest
+
+log = logging.getLogger("vaekit")
+
+PACKAGE_CONFIGS = Path(__file__).parent.parent / "configs"  # inside an installed wheel
+SOURCE_CONFIGS = Path(__file__).parent.parent.parent / "configs"  # in a source checkout
+CONFIG_DIR = PACKAGE_CONFIGS if PACKAGE_CONFIGS.is_dir() else SOURCE_CONFIGS
+HPARAM_GROUPS = ("model", "prior", "posterior", "dataset", "likelihood", "net", "optimizer")
+
+
+def hparams_of(cfg: DictConfig) -> dict[str, Any]:
+    """Flat settings shown in TensorBoard's HPARAMS tab."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    flat = {group: choices.get(group, "") for group in HPARAM_GROUPS}
+    flat.update(latent_dim=cfg.model.get("latent_dim", 0), lr=cfg.optimizer.get("lr", 0.0))
+    flat.update(batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed)
+    return flat
+
+
+def fit_fields(state: Any, cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """The metrics.json fields that describe the fit itself."""
+    return {
+        "best_epoch": state.best_epoch,
+        "epochs": state.epoch,
+        "train_seconds": state.train_seconds,
+        "seconds_per_epoch": state.train_seconds / max(state.epoch, 1),
+        "val_nelbo": state.best_val,
+        "nonfinite_steps": state.nonfinite_total,
+        "rollbacks": state.rollbacks,
+        "status": state.status,
+        "device": str(device),
+        "iw_samples": cfg.eval.iw_samples,
+        "nelbo_samples": cfg.eval.nelbo_samples,
+    }
+
+
+def saved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain data for checkpoints; dataset.root made absolute, so
+    evaluate, sample and resume find the data from any working directory."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if config["dataset"].get("root"):
+        config["dataset"]["root"] = str(Path(config["dataset"]["root"]).expanduser().resolve())
+    return config
+
+
+def train(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit the configured model (continuing `checkpoint` if given), evaluate its best
+    checkpoint on the test split, write metrics.json and return the metrics.
+
+    Raises RunStopped (metrics.json already written) when interrupted or diverged.
+    """
+    from vaekit.loggers.tensorboard import RunLogger  # deferred: tensorboard import is slow-ish
+    from vaekit.training.trainer import Diverged, Interrupted, Trainer
+
+    check_settings(cfg)
+    if cfg.trainer.num_threads is not None:  # e.g. 1 per job when several share a CPU
+        torch.set_num_threads(cfg.trainer.num_threads)
+    device = resolve_device(cfg.trainer.device)
+    torch.manual_seed(cfg.trainer.seed)
+    built = build(cfg, device)
+    model, data = built.model, built.data
+    if cfg.trainer.batch_size > built.raw.train.shape[0]:
+        raise VaekitError(
+            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the training split "
+            f"({built.raw.train.shape[0]} examples)."
+        )
+    model.prior.initialize_from_data(data.train)
+    flat = FlatParameters(model)  # the optimizer sees one tensor: few kernels per step
+    optimizer = instantiate_group(cfg.optimizer, "optimizer", params=[flat.param])
+    # on resume, TensorBoard hides what an interrupted run logged after its last checkpoint
+    resumed_epoch = checkpoint["fit_state"]["epoch"] if checkpoint else None
+    logger = RunLogger(run_dir, purge_step=None if resumed_epoch is None else resumed_epoch + 1)
+    stop = StopRequest()
+    trainer = Trainer(
+        model,
+        flat,
+        optimizer,
+        data,
+        cfg.trainer,
+        run_dir,
+        logger,
+        saved_config(cfg),
+        stop,
+        cfg.eval.batch_size,
+    )
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+    log_start(cfg, built, run_dir, resumed_epoch)
+    try:
+        with stop:
+            state = trainer.fit()
+    except Interrupted as stopped:
+        write_json(
+            run_dir / "metrics.json", {**fit_fields(trainer.state, cfg, device), "reason": str(stopped)}
+        )
+        logger.close()
+        raise RunStopped(f"{stopped}; resume with: vaekit train resume={run_dir}", stop.exit_code) from None
+    except Diverged as diverged:
+        record = {**fit_fields(trainer.state, cfg, device), "reason": str(diverged)}
+        if trainer.state.best_epoch > 0:  # the best model from before the divergence
+            record.update(evaluate_best(model, data, run_dir, logger, trainer.state.best_epoch, cfg))
+        write_json(run_dir / "metrics.json", record)
+        logger.close()
+        raise RunStopped(str(diverged)) from None
+    metrics = {
+        **evaluate_best(model, data, run_dir, logger, state.best_epoch, cfg),
+        **fit_fields(state, cfg, device),
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    logger.hparams(hparams_of(cfg), {k: metrics[k] for k in ("test_nelbo", "test_iw_nll", "test_bpd")})
+    logger.close()
+    return metrics
+
+
+def log_start(cfg: DictConfig, built: Any, run_dir: Path, resumed_epoch: int | None) -> None:
+    """The run's first log line: what is trained, on what, where."""
+    device = built.device
+    n_params = sum(p.numel() for p in built.model.parameters())
+    verb = f"resuming at epoch {resumed_epoch}:" if resumed_epoch is not None else "training"
+    where = f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device)
+    name = type(built.model).__name__
+    log.info(
+        "%s %s on %s (%d parameters) on %s; run directory %s",
+        verb,
+        name,
+        built.raw.name,
+        n_params,
+        where,
+        run_dir,
+    )
+
+
+def evaluate_best(
+    model: torch.nn.Module, data: DeviceData, run_dir: Path, logger: Any, best_epoch: int, cfg: DictConfig
+) -> dict[str, Any]:
+    """Load run_dir/best.pt into `model`, log its image grids and the test latent means
+    (TensorBoard Projector) at step `best_epoch`, and return its test metrics (`test_*`)."""
+    model.load_state_dict(load_checkpoint(run_dir / "best.pt", data.device)["model"])
+    e = cfg.eval
+    metrics, means = evaluate_model(
+        model, data.test, e.iw_samples, e.nelbo_samples, e.batch_size, e.seed, cfg.trainer.progress
+    )
+    if cfg.trainer.log_images:
+        logger.images(model, data.val, best_epoch)  # the grids of the model that is evaluated
+        for level, mean in means.items():
+            tag = "latent_means" if len(means) == 1 else f"latent_means_{level}"
+            logger.embedding(mean, data.test_labels, data.test, best_epoch, tag=tag)
+    record = {f"test_{key}": metrics[key] for key in metrics if key not in ("active_units", "latent_dims")}
+    record.update({f"test_active_units_{level}": n for level, n in metrics["active_units"].items()})
+    return record
+
+
+def summary_line(metrics: dict[str, Any], run_dir: Path) -> str:
+    """The one line printed at the end of a run."""
+    return (
+        f"test NELBO {metrics['test_nelbo']:.2f} | IW-NLL (k={metrics['iw_samples']}) "
+        f"{metrics['test_iw_nll']:.2f} | bits/dim {metrics['test_bpd']:.4f} | "
+        f"best epoch {metrics['best_epoch']}/{metrics['epochs']} ({metrics['status']}) | "
+        f"{metrics['train_seconds']:.1f} s | run: {run_dir}"
+    )
+
+
+def _report_failure(run_dir: Path, error: BaseException, started: float, record: bool = True) -> None:
+    """Print the one-sentence error; with `record`, metrics.json says the run failed and why."""
+    reason = str(error) if isinstance(error, VaekitError) else f"{type(error).__name__}: {error}"
+    if record:
+        failure = {"status": "failed", "reason": reason, "seconds": time.time() - started}
+        write_json(run_dir / "metrics.json", failure)
+    print(f"vaekit: error: {reason}", file=sys.stderr, flush=True)
+
+
+register_schema()
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def hydra_main(cfg: DictConfig) -> float | None:
+    """Hydra entry point of `vaekit train`; returns the test IW-NLL (for sweepers).
+
+    In a sweep a failed job returns None; its metrics.json says why, and the sweep's
+    summary (vaekit.commands.sweep) names it at the end.
+    """
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    started = time.time()
+    started_training = False  # a refused resume must not overwrite the run's metrics.json
+    try:
+        checkpoint = None
+        if cfg.resume:
+            if multirun:
+                raise VaekitError("resume continues one run at a time: drop -m/--multirun.")
+            cfg, checkpoint = resumed_config(cfg, list(hydra_cfg.overrides.task))
+        started_training = True
+        metrics = train(cfg, run_dir, checkpoint)
+    except RunStopped as stopped:  # interrupted or diverged: metrics.json says so already
+        print(f"vaekit: {stopped}", file=sys.stderr, flush=True)
+        if not multirun or stopped.exit_code != 1:
+            sys.exit(stopped.exit_code)  # an interrupt also stops the rest of a sweep
+        return None
+    except KeyboardInterrupt:  # the second Ctrl-C: no step finished, last.pt is the last epoch's
+        print(
+            f"\nvaekit: stopped at once; resume from the last completed epoch with: "
+            f"vaekit train resume={run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(130)
+    except Exception as error:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _report_failure(run_dir, error, started, record=started_training or not cfg.resume)
+        full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+        if full_error or (not multirun and not isinstance(error, VaekitError)):
+            raise  # a bug, not bad input (or asked for): Hydra shows where it happened
+        if not multirun:
+            sys.exit(1)
+        return None
+    print(summary_line(metrics, run_dir), flush=True)
+    value = metrics["test_iw_nll"]
+    return value if math.isfinite(value) else None

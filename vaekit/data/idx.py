@@ -1,0 +1,89 @@
+"""The MNIST family in IDX files (MNIST, FashionMNIST, KMNIST) through torchvision's loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from vaekit.data.splits import BINARIZE_SEED, RawSplits, check_declared
+from vaekit.errors import VaekitError
+
+IDX_DATASETS = ("MNIST", "FashionMNIST", "KMNIST")
+
+
+def _missing_files_message(dataset_class: str, root: Path, download: bool) -> str:
+    folder = root / dataset_class / "raw"
+    files = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
+    if download:
+        return (
+            f"Could not download {dataset_class} (no network?): put {files} "
+            f"(optionally .gz) into {folder.resolve()} and run with dataset.download=false."
+        )
+    return (
+        f"{dataset_class} not found: put {files} into {folder.resolve()}, "
+        f"set dataset.root to the folder that holds {dataset_class}/raw, "
+        f"or pass dataset.download=true on a machine with network access."
+    )
+
+
+def _torchvision_split(dataset_class: str, root: Path, train: bool, download: bool):
+    import torchvision.datasets  # imported here: it costs start-up time digits never needs
+
+    cls = getattr(torchvision.datasets, dataset_class)
+    try:
+        dataset = cls(root=str(root), train=train, download=download)
+    except RuntimeError as error:
+        raise VaekitError(_missing_files_message(dataset_class, root, download)) from error
+    except OSError as error:  # network errors (URLError is an OSError) or unreadable files
+        raise VaekitError(_missing_files_message(dataset_class, root, download)) from error
+    except (ValueError, AssertionError) as error:
+        raise VaekitError(
+            f"The {dataset_class} files under {(root / dataset_class / 'raw').resolve()} "
+            f"are not valid IDX files ({error})."
+        ) from error
+    return dataset.data, dataset.targets
+
+
+def load_torchvision(
+    dataset_class: str,
+    root: str = "data",
+    download: bool = False,
+    val_size: int = 10000,
+    split_seed: int = 14,
+    name: str | None = None,
+    shape: Sequence[int] | None = None,
+    num_levels: int | None = None,
+    binarize_seed: int = BINARIZE_SEED,
+) -> RawSplits:
+    """MNIST-like 28x28 datasets through torchvision's loaders (no download unless asked).
+
+    The official training set is split into train and val (`val_size` images) by a
+    permutation with a fixed seed; the official test set is the test split. `shape` and
+    `num_levels`, when given, must match the files: (1, 28, 28) and 256.
+    """
+    if dataset_class not in IDX_DATASETS:
+        raise VaekitError(f"dataset_class must be one of {', '.join(IDX_DATASETS)}, not {dataset_class}.")
+    root_path = Path(root).expanduser()
+    train_x, train_y = _torchvision_split(dataset_class, root_path, True, download)
+    test_x, test_y = _torchvision_split(dataset_class, root_path, False, download)
+    if not 0 < val_size < len(train_x):
+        raise VaekitError(
+            f"dataset.val_size must be between 1 and {len(train_x) - 1} "
+            f"(the training file holds {len(train_x)} images), not {val_size}."
+        )
+    perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(split_seed))
+    train_idx, val_idx = perm[:-val_size], perm[-val_size:]
+    raw = RawSplits(
+        train=train_x[train_idx].unsqueeze(1),
+        val=train_x[val_idx].unsqueeze(1),
+        test=test_x.unsqueeze(1),
+        train_labels=train_y[train_idx],
+        val_labels=train_y[val_idx],
+        test_labels=test_y,
+        num_levels=256,
+        name=name or dataset_class.lower(),
+        binarize_seed=binarize_seed,
+    )
+    return check_declared(raw, shape, num_levels)

@@ -1,0 +1,1 @@
+"""Measuring a trained model: NELBO, importance-weighted NLL, bits/dim, active units."""

@@ -1,0 +1,1 @@
+"""Where a run's curves, images and hyper-parameters are recorded (TensorBoard)."""

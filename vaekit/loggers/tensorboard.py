@@ -1,0 +1,88 @@
+"""TensorBoard logging of a run: scalars, image grids and hparams, under the run directory."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+
+from vaekit.rng import own_rng
+
+MIN_IMAGE_SIDE = 28  # small images (8x8 digits) are enlarged so TensorBoard shows them
+
+
+def image_grid(images: Tensor, nrow: int = 8) -> Tensor:
+    """(N, C, H, W) in [0, 1] -> (C', H', W') grid, enlarged by an integer factor if small."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    factor = math.ceil(MIN_IMAGE_SIDE / images.shape[-1])
+    if factor > 1:
+        images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    return make_grid(images, nrow=nrow, padding=2, pad_value=0.5)
+
+
+class RunLogger:
+    """A SummaryWriter writing event files into `<run_dir>/tb`."""
+
+    def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
+        # purge_step: events at or after this step from an earlier, interrupted writer are
+        # hidden, so a resumed run's curves continue without duplicated steps
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
+
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        """One scalar per key, tagged `<prefix>/<key>` (e.g. val/nelbo, train/kl/z1)."""
+        for name, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    @torch.no_grad()
+    def images(self, model: nn.Module, x: Tensor, step: int, num: int = 64) -> None:
+        """Grids of samples, and of data beside reconstruction (pairs along each row).
+
+        Their draws leave the global RNG streams as they were, so logging images never
+        changes the noise that training sees."""
+        if len(x.shape) != 4:  # only image-shaped data (N, C, H, W)
+            return
+        was_training = model.training
+        model.eval()
+        with own_rng(x.device):
+            self.writer.add_image("samples", image_grid(model.sample(num)), step)
+            x = x[: num // 2]
+            pairs = torch.stack([x, model.reconstruct(x)], dim=1).flatten(0, 1)
+            self.writer.add_image("reconstructions", image_grid(pairs), step)
+        model.train(was_training)
+
+    @torch.no_grad()
+    def embedding(
+        self, means: Tensor, labels: Tensor, images: Tensor, step: int, tag: str = "latent_means"
+    ) -> None:
+        """Latent means (N, L) for TensorBoard's Projector, with labels (N,) and thumbnails.
+
+        images (N, C, H, W) in [0, 1] become the sprite; labels the metadata column. Files go
+        to <run_dir>/tb/<step:05d>/<tag>/ (tensors.tsv, metadata.tsv, sprite.png) and
+        tb/projector_config.pbtxt. The sprite is one square image: keep N to ~10,000 or fewer.
+        """
+        if means.dim() != 2 or labels.shape[0] != means.shape[0] or images.shape[0] != means.shape[0]:
+            raise ValueError(
+                f"embedding needs means (N, L), labels (N,) and images (N, C, H, W); got "
+                f"{tuple(means.shape)}, {tuple(labels.shape)}, {tuple(images.shape)}."
+            )
+        self.writer.add_embedding(
+            means.detach().float().cpu(),
+            metadata=[int(label) for label in labels.detach().cpu().reshape(-1)],
+            label_img=images.detach().float().clamp(0, 1).cpu(),
+            global_step=step,
+            tag=tag,
+        )
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """The run's settings and final metrics, for TensorBoard's HPARAMS tab."""
+        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+
+    def close(self) -> None:
+        """Flush and close the event files."""
+        self.writer.close()

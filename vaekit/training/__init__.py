@@ -1,0 +1,1 @@
+"""The fitting loop and what it needs: checkpoints, resume, signals, the flat parameter buffer."""
