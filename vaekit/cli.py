@@ -38,6 +38,14 @@ def _add_run_arguments(parser: argparse.ArgumentParser, seed: int) -> None:
     )
     parser.add_argument("--seed", type=int, default=seed, help=f"seed of every random draw (default {seed})")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="also build components from this module (and below) named in the run's saved config; "
+        "only for code you trust (repeatable)",
+    )
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:
@@ -168,6 +176,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         args.device,
         not args.no_progress,
         nelbo_samples=args.nelbo_samples,
+        trust=args.trust,
     )
     print(format_table(result))
     print(f"\nwrote {result['path']}")
@@ -177,7 +186,15 @@ def _sample(args: argparse.Namespace) -> None:
     from vaekit.commands.sample import sample_figure
 
     path = sample_figure(
-        args.run_dir, args.mode, args.n, args.out, args.temperature, args.steps, args.seed, args.device
+        args.run_dir,
+        args.mode,
+        args.n,
+        args.out,
+        args.temperature,
+        args.steps,
+        args.seed,
+        args.device,
+        args.trust,
     )
     print(f"wrote {path}")
 

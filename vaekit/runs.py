@@ -12,6 +12,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,10 +135,12 @@ def _locate_dataset_root(config: DictConfig, run_dir: Path) -> None:
         config.dataset.root = str(cwd / root)
 
 
-def load_run(run_dir: Path, device_name: str = "auto") -> LoadedRun:
+def load_run(run_dir: Path, device_name: str = "auto", trust: Sequence[str] = ()) -> LoadedRun:
     """Rebuild the model of `run_dir/best.pt` from the resolved config saved inside it.
 
-    The checkpoint is read with weights_only=True, so a crafted file cannot run code.
+    The checkpoint is read with weights_only=True, and its config may name only vaekit's and
+    torch.optim's classes (plus modules under the `trust` prefixes: vaekit/trust.py), so a
+    crafted file cannot run code.
     Raises VaekitError (one sentence) for a folder that is not a run, a missing or
     unreadable checkpoint, or one that does not match the model its config describes.
     """
@@ -153,6 +156,7 @@ def load_run(run_dir: Path, device_name: str = "auto") -> LoadedRun:
     from vaekit.build import build_dataset, build_model, device_data, resolve_device
     from vaekit.schema import upgrade_config
     from vaekit.training.checkpoint import load_checkpoint
+    from vaekit.trust import check_trusted
 
     device = resolve_device(device_name, "--device")
 
@@ -168,6 +172,7 @@ def load_run(run_dir: Path, device_name: str = "auto") -> LoadedRun:
         raise VaekitError(f"{path} is not a vaekit checkpoint (it holds no saved config).")
     if not isinstance(checkpoint.get("model"), dict):
         raise VaekitError(f"{path} is not a vaekit checkpoint (it holds no model weights).")
+    check_trusted(checkpoint["config"], path, trust)
     try:
         config = OmegaConf.create(upgrade_config(checkpoint["config"]))
         _locate_dataset_root(config, run_dir)

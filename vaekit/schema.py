@@ -62,6 +62,7 @@ class TrainConfig:
     net: Any = MISSING
     optimizer: Any = MISSING
     resume: str | None = None  # a run directory whose last.pt to continue from
+    trust: list[str] = field(default_factory=list)  # module prefixes a resumed config may build from
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -6,6 +6,7 @@ directory. Every random draw follows --seed, so the same command gives the same 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ def evaluate_run(
     device: str = "auto",
     progress: bool = True,
     nelbo_samples: int = DEFAULTS.nelbo_samples,
+    trust: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Evaluate `run_dir/best.pt` on a split; returns the metrics and writes them as JSON.
 
@@ -43,7 +45,7 @@ def evaluate_run(
         raise VaekitError(f"--nelbo-samples must be at least 1, not {nelbo_samples}.")
     if split not in SPLITS:
         raise VaekitError(f"--split must be one of {', '.join(SPLITS)}, not {split}.")
-    run = load_run(Path(run_dir), device)
+    run = load_run(Path(run_dir), device, trust)
     x = run.data.test if split == "test" else run.data.val
     metrics, _ = evaluate_model(run.model, x, k, nelbo_samples, batch_size, seed, progress)
     result: dict[str, Any] = {

@@ -8,6 +8,7 @@ the decoded latent manifold and a scatter of test-set posterior means coloured b
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -178,6 +179,7 @@ def sample_figure(
     steps: int | None = None,
     seed: int = 0,
     device: str = "auto",
+    trust: Sequence[str] = (),
 ) -> Path:
     """Draw one figure of `run_dir/best.pt` as a PNG; returns its path.
 
@@ -200,7 +202,7 @@ def sample_figure(
     if out is not None and Path(out).suffix.lower() != ".png":
         raise VaekitError(f"--out must name a .png file, not {out}.")
 
-    run = load_run(Path(run_dir), device)
+    run = load_run(Path(run_dir), device, trust)
     if len(run.data.shape) != 3:
         raise VaekitError(
             f"vaekit sample draws images, but this run's data have shape {list(run.data.shape)}."

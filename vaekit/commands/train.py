@@ -6,6 +6,7 @@ Hydra wrapper that the CLI calls. Importing this module registers the schema and
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from vaekit.runs import write_json
 from vaekit.schema import register_schema
 from vaekit.training.checkpoint import load_checkpoint
 from vaekit.training.flatten import FlatParameters
+from vaekit.training.lock import RunLock
 from vaekit.training.resume import register_resolvers, resumed_config
 from vaekit.training.signals import StopRequest
 
@@ -36,6 +38,7 @@ log = logging.getLogger("vaekit")
 PACKAGE_CONFIGS = Path(__file__).parent.parent / "configs"  # inside an installed wheel
 SOURCE_CONFIGS = Path(__file__).parent.parent.parent / "configs"  # in a source checkout
 CONFIG_DIR = PACKAGE_CONFIGS if PACKAGE_CONFIGS.is_dir() else SOURCE_CONFIGS
+RESUME_FAILURE = "resume_failed.json"  # a resume's failure, beside the run's metrics.json
 HPARAM_GROUPS = ("model", "prior", "posterior", "dataset", "likelihood", "net", "optimizer")
 
 
@@ -191,13 +194,39 @@ def summary_line(metrics: dict[str, Any], run_dir: Path) -> str:
     )
 
 
-def _report_failure(run_dir: Path, error: BaseException, started: float, record: bool = True) -> None:
-    """Print the one-sentence error; with `record`, metrics.json says the run failed and why."""
+def _report_failure(error: BaseException, started: float, record_to: Path | None) -> None:
+    """Print the one-sentence error; with `record_to`, that file says the run failed and why."""
     reason = str(error) if isinstance(error, VaekitError) else f"{type(error).__name__}: {error}"
-    if record:
-        failure = {"status": "failed", "reason": reason, "seconds": time.time() - started}
-        write_json(run_dir / "metrics.json", failure)
+    if record_to is not None:
+        write_json(record_to, {"status": "failed", "reason": reason, "seconds": time.time() - started})
     print(f"vaekit: error: {reason}", file=sys.stderr, flush=True)
+
+
+def refuse_finished_run(run_dir: Path) -> None:
+    """A fresh `vaekit train` into a directory that already holds a run would overwrite its
+    checkpoints and metrics: refuse, and say how to continue it instead."""
+    metrics = run_dir / "metrics.json"
+    failed_before = False
+    if metrics.is_file():
+        try:
+            failed_before = json.loads(metrics.read_text()).get("status") == "failed"
+        except (OSError, ValueError, AttributeError):
+            failed_before = False
+    holds_run = (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists()
+    if holds_run or (metrics.exists() and not failed_before):
+        raise VaekitError(
+            f"{run_dir} already holds a run: continue it with `vaekit train resume={run_dir}`, "
+            f"or train into another directory (hydra.run.dir=...)."
+        )
+
+
+def prepare_resume(cfg: DictConfig, hydra_cfg: Any) -> tuple[DictConfig, dict[str, Any]]:
+    """The saved config and last.pt of cfg.resume, with every setting checked, so a refused
+    resume changes none of the run's files."""
+    cfg, checkpoint = resumed_config(cfg, list(hydra_cfg.overrides.task))
+    check_settings(cfg)
+    resolve_device(cfg.trainer.device)
+    return cfg, checkpoint
 
 
 register_schema()
@@ -215,15 +244,19 @@ def hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     started = time.time()
-    started_training = False  # a refused resume must not overwrite the run's metrics.json
+    record_to: Path | None = None  # where a failure is written: nowhere until this process owns the run
     try:
-        checkpoint = None
-        if cfg.resume:
-            if multirun:
-                raise VaekitError("resume continues one run at a time: drop -m/--multirun.")
-            cfg, checkpoint = resumed_config(cfg, list(hydra_cfg.overrides.task))
-        started_training = True
-        metrics = train(cfg, run_dir, checkpoint)
+        if cfg.resume and multirun:
+            raise VaekitError("resume continues one run at a time: drop -m/--multirun.")
+        with RunLock(run_dir):
+            checkpoint = None
+            if cfg.resume:
+                cfg, checkpoint = prepare_resume(cfg, hydra_cfg)
+                record_to = run_dir / RESUME_FAILURE  # beside the run's result, never over it
+            else:
+                refuse_finished_run(run_dir)
+                record_to = run_dir / "metrics.json"
+            metrics = train(cfg, run_dir, checkpoint)
     except RunStopped as stopped:  # interrupted or diverged: metrics.json says so already
         print(f"vaekit: {stopped}", file=sys.stderr, flush=True)
         if not multirun or stopped.exit_code != 1:
@@ -238,8 +271,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         )
         sys.exit(130)
     except Exception as error:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _report_failure(run_dir, error, started, record=started_training or not cfg.resume)
+        _report_failure(error, started, record_to)
         full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
         if full_error or (not multirun and not isinstance(error, VaekitError)):
             raise  # a bug, not bad input (or asked for): Hydra shows where it happened

@@ -1,7 +1,9 @@
-"""Checkpoints: atomic writes, and loads that never unpickle code (weights_only=True)."""
+"""Checkpoints: atomic writes with a digest of their contents, and loads that never unpickle
+code (weights_only=True) and notice a damaged file."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import shutil
@@ -15,14 +17,46 @@ from vaekit.errors import VaekitError
 CHECKPOINT_FORMAT = 1  # the layout of the dict that Trainer.checkpoint() writes
 
 
+def content_digest(obj: Any) -> str:
+    """BLAKE2b (128-bit, hex) of every leaf of a nested dict/list checkpoint: each tensor's
+    key path, dtype, shape and bytes, and the repr of every other value. Order matters, as in
+    the file."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key_path, leaf in _leaves(obj, ""):
+        digest.update(key_path.encode())
+        if isinstance(leaf, torch.Tensor):
+            flat = leaf.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{flat.dtype}{tuple(leaf.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy())  # the buffer itself, no copy
+        else:
+            digest.update(repr(leaf).encode())
+    return digest.hexdigest()
+
+
+def _leaves(obj: Any, prefix: str) -> Any:
+    """(key path, leaf) pairs of nested dicts, lists and tuples, depth first."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _leaves(value, f"{prefix}/{key}")
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from _leaves(value, f"{prefix}/{index}")
+    else:
+        yield prefix, obj
+
+
 def save_atomic(obj: Any, path: Path, also: Path | None = None) -> None:
-    """torch.save to a temporary file beside `path`, then os.replace it into place.
+    """torch.save to a temporary file beside `path`, then os.replace it into place; a dict
+    gets a "digest" of its contents (`content_digest`), which load_checkpoint checks.
 
     A reader (or a crash at any moment) sees either the old complete file or the new one.
     With `also`, the same bytes are published under that name too (a hard link where the
     file system allows, else a copy), so best.pt costs no second serialisation.
     """
     tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(obj, dict):
+        contents = {key: value for key, value in obj.items() if key != "digest"}
+        obj = {**contents, "digest": content_digest(contents)}
     torch.save(obj, tmp)
     if also is not None:
         twin = also.with_name(f".{also.name}.tmp")
@@ -47,6 +81,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise VaekitError(f"{path} is not a readable vaekit checkpoint ({first_line}).") from error
     if not isinstance(checkpoint, dict):
         raise VaekitError(f"{path} is not a vaekit checkpoint (it holds a {type(checkpoint).__name__}).")
+    stored = checkpoint.pop("digest", None)  # older checkpoints have none
+    if stored is not None and stored != content_digest(checkpoint):
+        raise VaekitError(
+            f"{path} is damaged: its contents do not match the digest written with them "
+            f"(a changed or corrupted file); use another checkpoint or retrain."
+        )
     found = checkpoint.get("format")
     if found is None:
         raise VaekitError(f"{path} is not a vaekit checkpoint (it records no checkpoint format).")
