@@ -5,7 +5,8 @@ vaekit/commands/train.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -13,6 +14,9 @@ from omegaconf import DictConfig
 
 from vaekit.data import DeviceData, RawSplits
 from vaekit.errors import VaekitError
+from vaekit.rng import MAX_SEED
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")  # what vaekit trains and evaluates on
 
 
 @dataclass
@@ -38,23 +42,57 @@ def resolve_device(name: str, option: str = "trainer.device") -> torch.device:
         device = torch.device(name)
     except RuntimeError as error:
         raise VaekitError(f"{said} is not a device name (try auto, cpu or cuda).") from error
+    if device.type not in DEVICE_TYPES:
+        raise VaekitError(f"{said} is not a device vaekit runs on (try auto, cpu or cuda).")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise VaekitError(f"{said} names a CPU index; there is one CPU device: use cpu.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VaekitError(f"{said} was asked for, but no CUDA GPU is available here.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise VaekitError(f"{said} was asked for, but this machine has {torch.cuda.device_count()} GPU(s).")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise VaekitError(f"{said} was asked for, but MPS is not available here.")
     return device
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """Values the schema's types cannot rule out: one sentence for the first bad one."""
+    """Keys and values the schema's types cannot rule out: one sentence for the first bad one."""
+    from vaekit.schema import TrainConfig
+
+    unknown = sorted(set(cfg.keys()) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise VaekitError(
+            f"{unknown[0]} is not a vaekit setting (added with +{unknown[0]}=...?): "
+            f"`vaekit train --help` lists the groups and settings."
+        )
     t, e = cfg.trainer, cfg.eval
+    finite = math.isfinite
     rules = [
         (t.max_epochs >= 1, f"trainer.max_epochs must be at least 1, not {t.max_epochs}."),
         (t.patience >= 0, f"trainer.patience must be 0 or more, not {t.patience}."),
-        (t.min_delta >= 0, f"trainer.min_delta must be 0 or more, not {t.min_delta}."),
+        (
+            finite(t.min_delta) and t.min_delta >= 0,
+            f"trainer.min_delta must be 0 or more, not {t.min_delta}.",
+        ),
+        (0 <= t.seed <= MAX_SEED, f"trainer.seed must be between 0 and 2**63 - 1, not {t.seed}."),
+        (0 <= e.seed <= MAX_SEED, f"eval.seed must be between 0 and 2**63 - 1, not {e.seed}."),
+        (
+            finite(t.free_bits) and t.free_bits >= 0,
+            f"trainer.free_bits must be 0 or more, not {t.free_bits}.",
+        ),
+        (t.kl_warmup_epochs >= 0, f"trainer.kl_warmup_epochs must be 0 or more, not {t.kl_warmup_epochs}."),
+        (t.max_rollbacks >= 0, f"trainer.max_rollbacks must be 0 or more, not {t.max_rollbacks}."),
+        (
+            finite(t.rollback_lr_factor) and 0 < t.rollback_lr_factor <= 1,
+            f"trainer.rollback_lr_factor must be in (0, 1], not {t.rollback_lr_factor}.",
+        ),
+        (t.image_every >= 1, f"trainer.image_every must be at least 1, not {t.image_every}."),
         (t.batch_size >= 1, f"trainer.batch_size must be at least 1, not {t.batch_size}."),
         (t.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps must be at least 1."),
-        (t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip must be positive (or null)."),
+        (
+            t.grad_clip is None or (finite(t.grad_clip) and t.grad_clip > 0),
+            f"trainer.grad_clip must be a positive number (or null), not {t.grad_clip}.",
+        ),
         (t.num_threads is None or t.num_threads >= 1, "trainer.num_threads must be at least 1 (or null)."),
         (e.iw_samples >= 1, f"eval.iw_samples must be at least 1, not {e.iw_samples}."),
         (e.nelbo_samples >= 1, f"eval.nelbo_samples must be at least 1, not {e.nelbo_samples}."),
@@ -75,8 +113,19 @@ def instantiate_group(node: DictConfig, group: str, **kwargs: Any) -> Any:
     except InstantiationException as error:
         if isinstance(error.__cause__, VaekitError):
             raise error.__cause__ from None
-        first_line = str(error).strip().splitlines()[0]
-        raise VaekitError(f"Could not build the {group} from its config: {first_line}") from error
+        raise VaekitError(f"Could not build the {group} from its config: {_cause_of(error)}.") from error
+
+
+def _cause_of(error: Exception) -> str:
+    """What went wrong inside instantiate(), in one line: the underlying exception when there is
+    one (Hydra's own message only says which target failed)."""
+    cause = error.__cause__
+    if cause is not None:
+        text = " ".join(str(cause).split()) or type(cause).__name__
+        return f"{type(cause).__name__}: {text}".rstrip(".")
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("full_key:")]
+    return " ".join(lines).rstrip(".")
 
 
 def build_dataset(cfg: DictConfig) -> RawSplits:

@@ -155,7 +155,7 @@ def load_run(run_dir: Path, device_name: str = "auto", trust: Sequence[str] = ()
 
     from vaekit.build import build_dataset, build_model, device_data, resolve_device
     from vaekit.schema import upgrade_config
-    from vaekit.training.checkpoint import load_checkpoint
+    from vaekit.training.checkpoint import check_weights, load_checkpoint, load_weights
     from vaekit.trust import check_trusted
 
     device = resolve_device(device_name, "--device")
@@ -168,10 +168,7 @@ def load_run(run_dir: Path, device_name: str = "auto", trust: Sequence[str] = ()
         raise VaekitError(
             f"{path} is not a readable vaekit checkpoint ({_first_sentence(error)})."
         ) from error
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict):
-        raise VaekitError(f"{path} is not a vaekit checkpoint (it holds no saved config).")
-    if not isinstance(checkpoint.get("model"), dict):
-        raise VaekitError(f"{path} is not a vaekit checkpoint (it holds no model weights).")
+    check_weights(checkpoint, path)
     check_trusted(checkpoint["config"], path, trust)
     try:
         config = OmegaConf.create(upgrade_config(checkpoint["config"]))
@@ -180,12 +177,8 @@ def load_run(run_dir: Path, device_name: str = "auto", trust: Sequence[str] = ()
         model = build_model(config, raw)
     except OmegaConfBaseException as error:
         raise VaekitError(f"The config saved in {path} cannot be used ({error}).") from error
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise VaekitError(f"{path} does not fit the model its config describes ({first_line}).") from error
+    load_weights(model, checkpoint["model"], path)
     model.to(device).eval()
     data = device_data(raw, model, device)
-    epoch = int(checkpoint.get("fit_state", {}).get("epoch", 0))
+    epoch = checkpoint["fit_state"]["epoch"]
     return LoadedRun(run_dir, path, epoch, config, model, raw, data, device)

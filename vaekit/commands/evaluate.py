@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from vaekit.errors import VaekitError
-from vaekit.evaluation.metrics import evaluate_model
+from vaekit.evaluation.metrics import check_budget, evaluate_model
+from vaekit.rng import check_seed
 from vaekit.runs import load_run, write_json
 from vaekit.schema import EvalConfig
 
@@ -43,10 +44,13 @@ def evaluate_run(
         raise VaekitError(f"--batch-size must be at least 1, not {batch_size}.")
     if nelbo_samples < 1:
         raise VaekitError(f"--nelbo-samples must be at least 1, not {nelbo_samples}.")
+    check_seed(seed, "--seed")
     if split not in SPLITS:
         raise VaekitError(f"--split must be one of {', '.join(SPLITS)}, not {split}.")
     run = load_run(Path(run_dir), device, trust)
     x = run.data.test if split == "test" else run.data.val
+    check_budget(x.shape[0], k, "--k")
+    check_budget(x.shape[0], nelbo_samples, "--nelbo-samples")
     metrics, _ = evaluate_model(run.model, x, k, nelbo_samples, batch_size, seed, progress)
     result: dict[str, Any] = {
         "run_dir": str(run.run_dir),

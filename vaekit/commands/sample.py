@@ -25,11 +25,13 @@ from torch.distributions import (
 from vaekit.commands.figures import save_grid, save_scatter
 from vaekit.errors import VaekitError
 from vaekit.latents import lerp, mean_of, posterior_means, require_one_level, slerp
+from vaekit.rng import check_seed
 from vaekit.runs import LoadedRun, load_run
 
 MODES = ("samples", "reconstruct", "interpolate", "manifold", "scatter")
 DEFAULT_N = {"samples": 64, "reconstruct": 32, "interpolate": 8}  # images / pairs / rows
 DEFAULT_STEPS = {"interpolate": 10, "manifold": 20}
+MAX_FIGURE_IMAGES = 4096  # a 64 x 64 grid: beyond it a figure is unreadable and memory grows
 MANIFOLD_QUANTILES = (0.05, 0.95)  # the grid spans these prior quantiles in each dimension
 EMPIRICAL_QUANTILE_SAMPLES = 20000
 
@@ -201,6 +203,15 @@ def sample_figure(
         raise VaekitError(f"--temperature must be a positive number, not {temperature}.")
     if out is not None and Path(out).suffix.lower() != ".png":
         raise VaekitError(f"--out must name a .png file, not {out}.")
+    if out is not None and Path(out).is_dir():
+        raise VaekitError(f"--out {out} is a directory: name a .png file to write.")
+    check_seed(seed, "--seed")
+    images = {"samples": n, "reconstruct": 2 * n, "interpolate": n * steps, "manifold": steps * steps}
+    if images.get(mode, 0) > MAX_FIGURE_IMAGES:
+        raise VaekitError(
+            f"That --{mode} figure would hold {images[mode]} images, more than the "
+            f"{MAX_FIGURE_IMAGES} one figure shows: lower --n or --steps."
+        )
 
     run = load_run(Path(run_dir), device, trust)
     if len(run.data.shape) != 3:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from vaekit.build import build, check_settings, instantiate_group, resolve_device
 from vaekit.data import DeviceData
 from vaekit.errors import RunStopped, VaekitError
-from vaekit.evaluation.metrics import evaluate_model
+from vaekit.evaluation.metrics import check_budget, evaluate_model
 from vaekit.runs import write_json
 from vaekit.schema import register_schema
 from vaekit.training.checkpoint import load_checkpoint
@@ -98,6 +98,8 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = No
             f"trainer.batch_size={cfg.trainer.batch_size} is larger than the training split "
             f"({built.raw.train.shape[0]} examples)."
         )
+    check_budget(data.test.shape[0], cfg.eval.iw_samples, "eval.iw_samples")  # refused now, not after fitting
+    check_budget(data.test.shape[0], cfg.eval.nelbo_samples, "eval.nelbo_samples")
     model.prior.initialize_from_data(data.train)
     flat = FlatParameters(model)  # the optimizer sees one tensor: few kernels per step
     optimizer = instantiate_group(cfg.optimizer, "optimizer", params=[flat.param])
@@ -118,7 +120,7 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = No
         cfg.eval.batch_size,
     )
     if checkpoint is not None:
-        trainer.restore(checkpoint)
+        trainer.restore(checkpoint, Path(cfg.resume) / "last.pt")
     log_start(cfg, built, run_dir, resumed_epoch)
     try:
         with stop:
@@ -223,7 +225,10 @@ def refuse_finished_run(run_dir: Path) -> None:
 def prepare_resume(cfg: DictConfig, hydra_cfg: Any) -> tuple[DictConfig, dict[str, Any]]:
     """The saved config and last.pt of cfg.resume, with every setting checked, so a refused
     resume changes none of the run's files."""
+    from vaekit.training.trainer import check_resumable
+
     cfg, checkpoint = resumed_config(cfg, list(hydra_cfg.overrides.task))
+    check_resumable(checkpoint, Path(cfg.resume) / "last.pt")
     check_settings(cfg)
     resolve_device(cfg.trainer.device)
     return cfg, checkpoint

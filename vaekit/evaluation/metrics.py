@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from vaekit.data import batches
+from vaekit.errors import VaekitError
 from vaekit.latents import posterior_means
 
 
@@ -36,6 +37,20 @@ def nelbo_terms(model: nn.Module, x: Tensor, batch_size: int, samples: int = 1) 
 
 
 K_CHUNK = 100  # importance samples per model.log_likelihood call: the progress bar's step
+# Most (example, z) pairs one evaluation may take: IW-NLL with k = 5000 on 10,000 MNIST test
+# images is 5e7; 1e10 is hours of decoder calls even on a GPU.
+MAX_EVALUATIONS = 10**10
+
+
+def check_budget(num_examples: int, draws: int, option: str) -> None:
+    """Refuse, with the estimate, an evaluation of more than MAX_EVALUATIONS (x, z) pairs."""
+    total = num_examples * draws
+    if total > MAX_EVALUATIONS:
+        raise VaekitError(
+            f"{option}={draws} would evaluate the model on {num_examples} x {draws} = {total:.2g} "
+            f"(x, z) pairs, more than the {MAX_EVALUATIONS:.0e} that vaekit runs in one evaluation: "
+            f"lower {option}."
+        )
 
 
 @torch.no_grad()
@@ -48,7 +63,7 @@ def iw_nll(model: nn.Module, x: Tensor, k: int, batch_size: int, progress: bool 
     model's k_c-sample estimate (`log_likelihood(x, k_c)`, itself chunked so memory stays
     bounded). The progress bar shows on a terminal only.
     """
-    sizes = [min(K_CHUNK, k - start) for start in range(0, k, K_CHUNK)]
+    check_budget(x.shape[0], k, "k")
     total = torch.zeros((), device=x.device, dtype=torch.float64)
     bar = tqdm(
         total=x.shape[0] * k,
@@ -60,11 +75,13 @@ def iw_nll(model: nn.Module, x: Tensor, k: int, batch_size: int, progress: bool 
     )
     with bar:
         for xb in batches(x, batch_size):
-            parts = []
-            for size in sizes:
-                parts.append(model.log_likelihood(xb, size).double() + math.log(size))  # (B,)
+            log_sum = None  # running logsumexp over the chunks: memory stays one (B,) tensor
+            for start in range(0, k, K_CHUNK):
+                size = min(K_CHUNK, k - start)
+                part = model.log_likelihood(xb, size).double() + math.log(size)  # (B,)
+                log_sum = part if log_sum is None else torch.logaddexp(log_sum, part)
                 bar.update(xb.shape[0] * size)
-            total += (torch.logsumexp(torch.stack(parts), dim=0) - math.log(k)).sum()
+            total += (log_sum - math.log(k)).sum()
     return -total.item() / x.shape[0]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -76,7 +75,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise VaekitError(f"No checkpoint at {path}.")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+    except Exception as error:  # a damaged archive fails in many ways (zip, pickle, storage)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise VaekitError(f"{path} is not a readable vaekit checkpoint ({first_line}).") from error
     if not isinstance(checkpoint, dict):
@@ -96,3 +95,27 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             f"use the vaekit version that wrote it."
         )
     return checkpoint
+
+
+def check_weights(checkpoint: dict[str, Any], path: Path) -> None:
+    """Refuse, in one sentence, a checkpoint without the parts every command reads: the model's
+    tensors, the saved config and the epoch."""
+    model, config, fit_state = checkpoint.get("model"), checkpoint.get("config"), checkpoint.get("fit_state")
+    if not isinstance(config, dict):
+        raise VaekitError(f"{path} is not a vaekit checkpoint (it holds no saved config).")
+    if not isinstance(model, dict) or not all(isinstance(t, torch.Tensor) for t in model.values()):
+        raise VaekitError(f"{path} is not a vaekit checkpoint (it holds no model weights).")
+    epoch = fit_state.get("epoch") if isinstance(fit_state, dict) else None
+    if type(epoch) is not int or epoch < 0:
+        raise VaekitError(f"{path} is not a usable vaekit checkpoint (its fit_state has no epoch count).")
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """module.load_state_dict(state); a state of another shape or with other keys (a checkpoint
+    of another model) is one sentence naming the first mismatch."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__).rstrip(".")
+        raise VaekitError(f"{path} does not fit the model its config describes ({detail}).") from error

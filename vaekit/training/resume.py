@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaekit.errors import VaekitError
 from vaekit.schema import upgrade_config
-from vaekit.training.checkpoint import load_checkpoint
+from vaekit.training.checkpoint import check_weights, load_checkpoint
 from vaekit.trust import check_trusted
 
 RESUMABLE_KEYS = frozenset(
@@ -65,8 +65,7 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, d
             f"only {', '.join(sorted(RESUMABLE_KEYS))} may be overridden."
         )
     checkpoint = load_checkpoint(run_dir / "last.pt")
-    if not isinstance(checkpoint.get("config"), dict):
-        raise VaekitError(f"{run_dir / 'last.pt'} is not a vaekit checkpoint (it holds no saved config).")
+    check_weights(checkpoint, run_dir / "last.pt")
     check_trusted(checkpoint["config"], run_dir / "last.pt", list(cfg.trust))
     saved = OmegaConf.create(upgrade_config(checkpoint["config"]))
     for key in changed:

@@ -18,11 +18,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from vaekit.data import DeviceData
+from vaekit.errors import VaekitError
 from vaekit.evaluation.metrics import nelbo_terms
 from vaekit.loggers.tensorboard import RunLogger
 from vaekit.rng import own_rng
 from vaekit.schema import TrainerConfig
-from vaekit.training.checkpoint import CHECKPOINT_FORMAT, save_atomic
+from vaekit.training.checkpoint import CHECKPOINT_FORMAT, load_weights, save_atomic
 from vaekit.training.flatten import FlatParameters
 from vaekit.training.signals import StopRequest
 
@@ -295,10 +296,16 @@ class Trainer:
             "config": self.config,
         }
 
-    def restore(self, checkpoint: dict[str, Any]) -> None:
-        """Continue from a checkpoint of this trainer: the exact state it was saved in."""
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+    def restore(self, checkpoint: dict[str, Any], path: Path) -> None:
+        """Continue from a checkpoint of this trainer (read from `path`, and checked by
+        `check_resumable`): the exact state it was saved in."""
+        load_weights(self.model, checkpoint["model"], path)
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise VaekitError(
+                f"{path} holds an optimizer state that does not fit this model ({error})."
+            ) from error
         known = {f.name for f in fields(FitState)}
         self.state = FitState(**{k: v for k, v in checkpoint["fit_state"].items() if k in known})
         progress = checkpoint.get("epoch_progress")
@@ -322,3 +329,48 @@ class Trainer:
         best = self.run_dir / "best.pt" if also_best else None
         save_atomic(snapshot, self.run_dir / "last.pt", also=best)
         return snapshot
+
+
+# What each counter of a saved FitState must be (a float counter may have been saved as an int).
+FIT_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    f.name: (int, float) if isinstance(f.default, float) else type(f.default) for f in fields(FitState)
+}
+
+
+def check_resumable(checkpoint: dict[str, Any], path: Path) -> None:
+    """Refuse, in one sentence naming `path`, a checkpoint that lacks what `Trainer.restore`
+    reads (optimizer, counters, RNG streams, the unfinished epoch) or holds it in the wrong form."""
+
+    def refuse(what: str) -> None:
+        raise VaekitError(f"{path} cannot be resumed: {what}.")
+
+    fit_state, optimizer, rng = (
+        checkpoint.get("fit_state"),
+        checkpoint.get("optimizer"),
+        checkpoint.get("rng"),
+    )
+    if not isinstance(fit_state, dict):
+        refuse("it holds no fit_state")
+    for name, kind in FIT_STATE_TYPES.items():
+        value = fit_state.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            refuse(f"its fit_state.{name} is {value!r}")
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
+        refuse("it holds no optimizer state")
+    if not isinstance(rng, dict) or not all(_is_byte_tensor(rng.get(key)) for key in ("torch", "data")):
+        refuse("its RNG states are missing or not byte tensors")
+    progress = checkpoint.get("epoch_progress")
+    if progress is None:
+        return
+    if not isinstance(progress, dict) or not isinstance(progress.get("perm"), Tensor):
+        refuse("its epoch_progress has no permutation")
+    if type(progress.get("step")) is not int or type(progress.get("count")) is not int:
+        refuse("its epoch_progress has no step and example counts")
+    if not isinstance(progress.get("names"), (list, tuple)) or not isinstance(
+        progress.get("sums"), (Tensor, type(None))
+    ):
+        refuse("its epoch_progress has no running sums")
+
+
+def _is_byte_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.dtype == torch.uint8 and value.dim() == 1
