@@ -55,16 +55,68 @@ def resolve_device(name: str, option: str = "trainer.device") -> torch.device:
     return device
 
 
+# Bytes per parameter that training needs: weights, gradient and the optimizer's two moments
+# (Adam, Adamax), float32 each.
+TRAINING_BYTES_PER_PARAMETER = 4 * 4
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (the GPU's, or Linux's MemAvailable); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            fields_kb = dict(line.split(":", 1) for line in handle)
+        return int(fields_kb["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def parameter_count(cfg: DictConfig, raw: RawSplits) -> int | None:
+    """The model's trainable parameters, counted on torch's meta device (no memory, no random
+    draws); None when some part cannot be built there."""
+    from vaekit.rng import own_rng
+
+    try:
+        with own_rng(), torch.device("meta"):
+            model = build_model(cfg, raw)
+    except Exception:  # an estimate only: the real build reports its own errors
+        return None
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def check_memory(cfg: DictConfig, raw: RawSplits, device: torch.device) -> None:
+    """Refuse, with the estimate, a model whose weights, gradients and optimizer state would
+    not fit in the memory free on its device, before building it (instead of swapping for
+    minutes and dying in the allocator)."""
+    count, free = parameter_count(cfg, raw), free_memory(device)
+    if count is None or free is None:
+        return
+    needed = count * TRAINING_BYTES_PER_PARAMETER
+    if needed > free:
+        raise VaekitError(
+            f"The model has {count:,} parameters; training them needs about {needed / 2**30:.1f} GiB "
+            f"on {device}, which has {free / 2**30:.1f} GiB free: make the model smaller "
+            f"(model.latent_dim, net.hidden_dim, ...)."
+        )
+
+
 def check_settings(cfg: DictConfig) -> None:
     """Keys and values the schema's types cannot rule out: one sentence for the first bad one."""
-    from vaekit.schema import TrainConfig
+    from vaekit.schema import EvalConfig, TrainConfig, TrainerConfig
 
-    unknown = sorted(set(cfg.keys()) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise VaekitError(
-            f"{unknown[0]} is not a vaekit setting (added with +{unknown[0]}=...?): "
-            f"`vaekit train --help` lists the groups and settings."
-        )
+    for prefix, node, schema in (
+        ("", cfg, TrainConfig),
+        ("trainer.", cfg.trainer, TrainerConfig),
+        ("eval.", cfg.eval, EvalConfig),
+    ):
+        unknown = sorted(set(node.keys()) - {f.name for f in fields(schema)})
+        if unknown:
+            key = f"{prefix}{unknown[0]}"
+            raise VaekitError(
+                f"{key} is not a vaekit setting (added with +{key}=...?): "
+                f"`vaekit train --help` lists the groups and settings."
+            )
     t, e = cfg.trainer, cfg.eval
     finite = math.isfinite
     rules = [
@@ -72,7 +124,7 @@ def check_settings(cfg: DictConfig) -> None:
         (t.patience >= 0, f"trainer.patience must be 0 or more, not {t.patience}."),
         (
             finite(t.min_delta) and t.min_delta >= 0,
-            f"trainer.min_delta must be 0 or more, not {t.min_delta}.",
+            f"trainer.min_delta must be a finite number, 0 or more, not {t.min_delta}.",
         ),
         (0 <= t.seed <= MAX_SEED, f"trainer.seed must be between 0 and 2**63 - 1, not {t.seed}."),
         (0 <= e.seed <= MAX_SEED, f"eval.seed must be between 0 and 2**63 - 1, not {e.seed}."),
@@ -153,9 +205,12 @@ def device_data(raw: RawSplits, model: torch.nn.Module, device: torch.device) ->
     return DeviceData(raw, device, model.likelihood.binary_data)
 
 
-def build(cfg: DictConfig, device: torch.device) -> Built:
+def build(cfg: DictConfig, device: torch.device, check_fits: bool = False) -> Built:
     """Dataset, model (on `device`) and device-resident data of a config, in that order, so the
-    model's initial weights follow the global seed set before the call."""
+    model's initial weights follow the global seed set before the call. With `check_fits`, a
+    model too large to train in the device's free memory is refused before it is built."""
     raw = build_dataset(cfg)
+    if check_fits:
+        check_memory(cfg, raw, device)
     model = build_model(cfg, raw).to(device)
     return Built(device, raw, model, device_data(raw, model, device))

@@ -218,12 +218,15 @@ def run_tool(command: str, rest: list[str]) -> None:
     """Parse one argparse subcommand and run it; a VaekitError is one line on stderr, exit 1."""
     make_parser, handler = TOOLS[command]
     args = make_parser().parse_args(rest)  # exits 2 with usage on bad syntax; 0 on --help
-    from vaekit.errors import VaekitError
+    from vaekit.errors import VaekitError, describe_os_error
 
     try:
         handler(args)
     except VaekitError as error:
         print(f"vaekit: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as error:  # a read-only run directory, a full disk, a directory where a file goes
+        print(f"vaekit: error: {describe_os_error(error)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("vaekit: interrupted.", file=sys.stderr)
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     from vaekit.commands import train  # deferred: imports torch and Hydra
 
     sys.argv = [f"{sys.argv[0]} {command}", *rest]
-    train.hydra_main()  # a sweep's failed jobs are summarised by vaekit.commands.sweep
+    train.hydra_main()  # a sweep's failed jobs are summarised by vaekit.commands.callbacks
 
 
 if __name__ == "__main__":

@@ -14,3 +14,10 @@ class RunStopped(VaekitError):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def describe_os_error(error: OSError) -> str:
+    """An OSError as one sentence naming the file: 'could not use X: No space left on device.'"""
+    where = f" {error.filename}" if error.filename else ""
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"could not use{where}: {reason}."

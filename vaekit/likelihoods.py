@@ -71,6 +71,7 @@ class Likelihood(nn.Module):
 
     num_params: int = 1
     binary_data: bool = False  # True: the data must be binarized (Bernoulli)
+    discrete: bool = True  # False: a density on the pixel values, whose NLL is not a code length
 
     def forward(self, params: Tensor) -> Distribution:  # pragma: no cover - interface
         raise NotImplementedError
@@ -113,6 +114,8 @@ class CategoricalLikelihood(Likelihood):
 
 class GaussianLikelihood(Likelihood):
     """x_d ~ N(mu_d, sigma_d^2); sigma_d = min_std + softplus(.) when learned, else fixed `std`."""
+
+    discrete = False
 
     def __init__(self, learn_std: bool = True, std: float = 0.1, min_std: float = 0.01) -> None:
         super().__init__()

@@ -74,8 +74,12 @@ def require_run_dir(path: Path) -> Path:
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically (temp file, then os.replace); non-finite numbers become null."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite_or_null(payload), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(_finite_or_null(payload), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a stop: leave no temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _finite_or_null(value: Any) -> Any:

@@ -25,7 +25,7 @@ def save_grid(images: Tensor, path: Path, nrow: int) -> Path:
     """
     from PIL import Image
 
-    from vaekit.loggers.tensorboard import image_grid  # one rule for grids, here and in TensorBoard
+    from vaekit.loggers.grid import image_grid  # one rule for grids, here and in TensorBoard
 
     grid = image_grid(images, nrow=nrow)  # (3, H', W') in [0, 1]
     pixels = grid.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
@@ -47,7 +47,7 @@ def save_scatter(points: np.ndarray, labels: np.ndarray, path: Path, title: str)
         axes.scatter(points[chosen, 0], points[chosen, 1], s=8, alpha=0.7, color=colour, label=str(label))
     axes.set_xlabel("z[0] (posterior mean)")
     axes.set_ylabel("z[1] (posterior mean)")
-    axes.set_title(title, fontsize=10)
+    axes.set_title(literal(title), fontsize=10)
     axes.legend(title="label", loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=2, frameon=False)
     axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -63,7 +63,8 @@ def save_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: s
     colours = _colours(len(curves))
     for colour, (name, points) in zip(colours, curves.items(), strict=True):
         steps, values = zip(*points, strict=True) if points else ((), ())
-        axes.plot(steps, values, color=colour, label=name, marker="." if len(points) < 30 else None)
+        marker = "." if len(points) < 30 else None
+        axes.plot(steps, values, color=colour, label=literal(name), marker=marker)
     if not any(curves.values()):
         axes.text(0.5, 0.5, "no validation curves found", ha="center", va="center", transform=axes.transAxes)
     axes.set_xlabel("epoch")
@@ -74,6 +75,12 @@ def save_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: s
         axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     figure.tight_layout()
     return _save(figure, path)
+
+
+def literal(text: str) -> str:
+    """Text that matplotlib shows as written: '$' would start math mode (a run folder named
+    'run_$x$' would be typeset, and an unbalanced one fails to draw)."""
+    return text.replace("$", r"\$")
 
 
 def _colours(n: int) -> list[tuple[float, ...]]:

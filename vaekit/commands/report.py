@@ -114,7 +114,7 @@ def _format(value: Any, spec: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "" if value is None else str(value)
     if spec == "d":
-        return str(int(value))
+        return str(int(value)) if math.isfinite(value) else str(value)
     return format(value, spec) if math.isfinite(value) else str(value)
 
 

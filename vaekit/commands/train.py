@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaekit.build import build, check_settings, instantiate_group, resolve_device
 from vaekit.data import DeviceData
-from vaekit.errors import RunStopped, VaekitError
+from vaekit.errors import RunStopped, VaekitError, describe_os_error
 from vaekit.evaluation.metrics import check_budget, evaluate_model
 from vaekit.runs import write_json
 from vaekit.schema import register_schema
@@ -77,13 +78,18 @@ def saved_config(cfg: DictConfig) -> dict[str, Any]:
     return config
 
 
-def train(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+def train(
+    cfg: DictConfig,
+    run_dir: Path,
+    checkpoint: dict[str, Any] | None = None,
+    on_fit_start: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Fit the configured model (continuing `checkpoint` if given), evaluate its best
-    checkpoint on the test split, write metrics.json and return the metrics.
+    checkpoint on the test split, write metrics.json and return the metrics. `on_fit_start`
+    is called once everything is built and checked, just before the first step.
 
     Raises RunStopped (metrics.json already written) when interrupted or diverged.
     """
-    from vaekit.loggers.tensorboard import RunLogger  # deferred: tensorboard import is slow-ish
     from vaekit.training.trainer import Diverged, Interrupted, Trainer
 
     check_settings(cfg)
@@ -91,7 +97,7 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = No
         torch.set_num_threads(cfg.trainer.num_threads)
     device = resolve_device(cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)
-    built = build(cfg, device)
+    built = build(cfg, device, check_fits=True)
     model, data = built.model, built.data
     if cfg.trainer.batch_size > built.raw.train.shape[0]:
         raise VaekitError(
@@ -103,6 +109,8 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = No
     model.prior.initialize_from_data(data.train)
     flat = FlatParameters(model)  # the optimizer sees one tensor: few kernels per step
     optimizer = instantiate_group(cfg.optimizer, "optimizer", params=[flat.param])
+    from vaekit.loggers.tensorboard import RunLogger  # deferred: bad input is refused before this import
+
     # on resume, TensorBoard hides what an interrupted run logged after its last checkpoint
     resumed_epoch = checkpoint["fit_state"]["epoch"] if checkpoint else None
     logger = RunLogger(run_dir, purge_step=None if resumed_epoch is None else resumed_epoch + 1)
@@ -122,6 +130,14 @@ def train(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = No
     if checkpoint is not None:
         trainer.restore(checkpoint, Path(cfg.resume) / "last.pt")
     log_start(cfg, built, run_dir, resumed_epoch)
+    if not model.likelihood.discrete:
+        log.warning(
+            "%s is a density on discrete pixel values: its NELBO, IW-NLL and bits/dim are not "
+            "comparable with those of the discrete likelihoods, and can be negative",
+            type(model.likelihood).__name__,
+        )
+    if on_fit_start is not None:
+        on_fit_start()
     try:
         with stop:
             state = trainer.fit()
@@ -196,11 +212,38 @@ def summary_line(metrics: dict[str, Any], run_dir: Path) -> str:
     )
 
 
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the allocator's failures, on the CPU (MemoryError, 'can't allocate') or a GPU."""
+    if isinstance(error, MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error).lower() for text in OUT_OF_MEMORY)
+
+
+def describe_failure(error: BaseException) -> str:
+    """The one sentence that says why a run failed."""
+    if isinstance(error, VaekitError):
+        return str(error)
+    if isinstance(error, OSError):
+        return describe_os_error(error)
+    if is_out_of_memory(error):
+        return (
+            "The run ran out of memory: lower trainer.batch_size, eval.batch_size, model.latent_dim "
+            "or net.hidden_dim (or the model's other sizes)."
+        )
+    return f"{type(error).__name__}: {error}"
+
+
 def _report_failure(error: BaseException, started: float, record_to: Path | None) -> None:
     """Print the one-sentence error; with `record_to`, that file says the run failed and why."""
-    reason = str(error) if isinstance(error, VaekitError) else f"{type(error).__name__}: {error}"
+    reason = describe_failure(error)
     if record_to is not None:
-        write_json(record_to, {"status": "failed", "reason": reason, "seconds": time.time() - started})
+        try:
+            write_json(record_to, {"status": "failed", "reason": reason, "seconds": time.time() - started})
+        except OSError:  # the disk that failed the run may refuse the record too: the message stays
+            pass
     print(f"vaekit: error: {reason}", file=sys.stderr, flush=True)
 
 
@@ -243,25 +286,29 @@ def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point of `vaekit train`; returns the test IW-NLL (for sweepers).
 
     In a sweep a failed job returns None; its metrics.json says why, and the sweep's
-    summary (vaekit.commands.sweep) names it at the end.
+    summary (vaekit.commands.callbacks) names it at the end.
     """
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     started = time.time()
-    record_to: Path | None = None  # where a failure is written: nowhere until this process owns the run
+    record: dict[str, Path] = {}  # where a failure is written ("to"): nowhere until this process owns the run
+
+    def resume_started() -> None:  # from here on a failure is recorded beside the run's result
+        record["to"] = run_dir / RESUME_FAILURE
+
     try:
         if cfg.resume and multirun:
             raise VaekitError("resume continues one run at a time: drop -m/--multirun.")
         with RunLock(run_dir):
-            checkpoint = None
-            if cfg.resume:
+            checkpoint, on_fit_start = None, None
+            if cfg.resume:  # refused until fitting starts: nothing of the run changes
                 cfg, checkpoint = prepare_resume(cfg, hydra_cfg)
-                record_to = run_dir / RESUME_FAILURE  # beside the run's result, never over it
+                on_fit_start = resume_started
             else:
                 refuse_finished_run(run_dir)
-                record_to = run_dir / "metrics.json"
-            metrics = train(cfg, run_dir, checkpoint)
+                record["to"] = run_dir / "metrics.json"
+            metrics = train(cfg, run_dir, checkpoint, on_fit_start)
     except RunStopped as stopped:  # interrupted or diverged: metrics.json says so already
         print(f"vaekit: {stopped}", file=sys.stderr, flush=True)
         if not multirun or stopped.exit_code != 1:
@@ -276,9 +323,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
         )
         sys.exit(130)
     except Exception as error:
-        _report_failure(error, started, record_to)
+        _report_failure(error, started, record.get("to"))
         full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
-        if full_error or (not multirun and not isinstance(error, VaekitError)):
+        expected = isinstance(error, (VaekitError, OSError)) or is_out_of_memory(error)
+        if full_error or (not multirun and not expected):
             raise  # a bug, not bad input (or asked for): Hydra shows where it happened
         if not multirun:
             sys.exit(1)

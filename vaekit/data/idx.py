@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,13 +21,57 @@ def _missing_files_message(dataset_class: str, root: Path, download: bool) -> st
     if download:
         return (
             f"Could not download {dataset_class} (no network?): put {files} "
-            f"(optionally .gz) into {folder.resolve()} and run with dataset.download=false."
+            f"into {folder.resolve()} and run with dataset.download=false."
         )
     return (
         f"{dataset_class} not found: put {files} into {folder.resolve()}, "
         f"set dataset.root to the folder that holds {dataset_class}/raw, "
         f"or pass dataset.download=true on a machine with network access."
     )
+
+
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+IDX_DTYPE_UBYTE = 0x08  # the type byte of unsigned-byte IDX data
+
+
+def check_idx_files(folder: Path) -> None:
+    """Refuse, naming the file, an IDX file that is only gzipped, has a wrong header, or holds
+    fewer or more bytes than its header promises. Missing files are left to the caller."""
+    for name in IDX_FILES:
+        path = folder / name
+        if not path.exists():
+            if (folder / f"{name}.gz").exists():
+                raise VaekitError(
+                    f"{folder / name}.gz is compressed: vaekit reads the uncompressed IDX files, "
+                    f"so run `gunzip {folder / name}.gz` first."
+                )
+            continue
+        header = path.read_bytes()[:4]
+        if (
+            len(header) < 4
+            or header[:2] != b"\0\0"
+            or header[2] != IDX_DTYPE_UBYTE
+            or not 1 <= header[3] <= 4
+        ):
+            raise VaekitError(
+                f"{path} is not an IDX file of unsigned bytes (its first bytes are {header!r})."
+            )
+        ndim = header[3]
+        with path.open("rb") as handle:
+            handle.seek(4)
+            dims = struct.unpack(f">{ndim}I", handle.read(4 * ndim).ljust(4 * ndim, b"\0"))
+        expected = 4 + 4 * ndim + math.prod(dims)
+        found = path.stat().st_size
+        if found != expected:
+            raise VaekitError(
+                f"{path} is truncated or damaged: its header promises {expected} bytes "
+                f"({' x '.join(map(str, dims))} values), but the file holds {found}."
+            )
 
 
 def _torchvision_split(dataset_class: str, root: Path, train: bool, download: bool):
@@ -66,6 +112,7 @@ def load_torchvision(
     if dataset_class not in IDX_DATASETS:
         raise VaekitError(f"dataset_class must be one of {', '.join(IDX_DATASETS)}, not {dataset_class}.")
     root_path = Path(root).expanduser()
+    check_idx_files(root_path / dataset_class / "raw")
     train_x, train_y = _torchvision_split(dataset_class, root_path, True, download)
     test_x, test_y = _torchvision_split(dataset_class, root_path, False, download)
     if not 0 < val_size < len(train_x):

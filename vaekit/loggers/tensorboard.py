@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid
 
+from vaekit.loggers.grid import image_grid
 from vaekit.rng import own_rng
-
-MIN_IMAGE_SIDE = 28  # small images (8x8 digits) are enlarged so TensorBoard shows them
-
-
-def image_grid(images: Tensor, nrow: int = 8) -> Tensor:
-    """(N, C, H, W) in [0, 1] -> (C', H', W') grid, enlarged by an integer factor if small."""
-    images = images.detach().float().clamp(0, 1).cpu()
-    factor = math.ceil(MIN_IMAGE_SIDE / images.shape[-1])
-    if factor > 1:
-        images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
-    return make_grid(images, nrow=nrow, padding=2, pad_value=0.5)
 
 
 class RunLogger:

@@ -56,16 +56,22 @@ def save_atomic(obj: Any, path: Path, also: Path | None = None) -> None:
     if isinstance(obj, dict):
         contents = {key: value for key, value in obj.items() if key != "digest"}
         obj = {**contents, "digest": content_digest(contents)}
-    torch.save(obj, tmp)
-    if also is not None:
-        twin = also.with_name(f".{also.name}.tmp")
-        twin.unlink(missing_ok=True)
-        try:
-            os.link(tmp, twin)
-        except OSError:
-            shutil.copyfile(tmp, twin)
-        os.replace(twin, also)
-    os.replace(tmp, path)
+    twin = also.with_name(f".{also.name}.tmp") if also is not None else None
+    try:
+        torch.save(obj, tmp)
+        if twin is not None:
+            twin.unlink(missing_ok=True)
+            try:
+                os.link(tmp, twin)
+            except OSError:
+                shutil.copyfile(tmp, twin)
+            os.replace(twin, also)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a stop: the old files stay, no temporary ones
+        tmp.unlink(missing_ok=True)
+        if twin is not None:
+            twin.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -20,12 +20,14 @@ from tqdm import tqdm
 from vaekit.data import DeviceData
 from vaekit.errors import VaekitError
 from vaekit.evaluation.metrics import nelbo_terms
-from vaekit.loggers.tensorboard import RunLogger
 from vaekit.rng import own_rng
 from vaekit.schema import TrainerConfig
 from vaekit.training.checkpoint import CHECKPOINT_FORMAT, load_weights, save_atomic
 from vaekit.training.flatten import FlatParameters
 from vaekit.training.signals import StopRequest
+
+if TYPE_CHECKING:  # the TensorBoard writer is imported by whoever makes the logger
+    from vaekit.loggers.tensorboard import RunLogger
 
 log = logging.getLogger("vaekit")
 
