@@ -295,6 +295,12 @@ def crafted_run(*argv: str) -> Callable[[Path, Path], list[str]]:
     return prepare
 
 
+def empty_folder(tmp: Path) -> Path:
+    """A folder that is not a run; run_case checks that it stays empty."""
+    (tmp / "empty").mkdir()
+    return tmp / "empty"
+
+
 def truncated_last(run: Path) -> None:
     (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])
 
@@ -379,7 +385,7 @@ CASES = [
         "is a file",
     ),
     Case("resume a file", lambda tmp, run: ["train", f"resume={file_at(tmp)}"], "holds no last.pt"),
-    Case("resume a non-run", lambda tmp, run: ["train", f"resume={tmp}"], "holds no last.pt"),
+    Case("resume a non-run", lambda tmp, run: ["train", f"resume={empty_folder(tmp)}"], "holds no last.pt"),
     Case(
         "fit_state missing",
         on_run("evaluate", "{run}", before=damaged("best.pt", without_fit_state)),
@@ -449,6 +455,8 @@ def run_case(case: Case, tmp: Path, run: Path) -> str | None:
         problems.append("the run's files changed")
     if list(run.glob(".*.tmp")):
         problems.append("temporary files left")
+    if (tmp / "empty").is_dir() and any((tmp / "empty").iterdir()):
+        problems.append("files were created in a folder that is not a run")
     if (tmp / "MARKER").exists():
         problems.append("the crafted config ran code")
     if (run / "resume_failed.json").exists():
