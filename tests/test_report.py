@@ -44,7 +44,8 @@ def test_report_lists_every_job_sorted_by_test_iw_nll(sweep: Path):
     metrics = {job: json.loads((sweep / job / "metrics.json").read_text()) for job in ("0", "1")}
     finished = sorted(("0", "1"), key=lambda job: metrics[job]["test_iw_nll"])
 
-    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    runs_part = done.stdout.split("\nruns:\n", 1)[1]  # below the group table
+    table = [line for line in runs_part.splitlines() if line.startswith("| ")]
     header, *rows = ([cell.strip() for cell in line.split("|")[1:-1]] for line in table)
     assert header[:3] == ["run", "model.latent_dim", "status"] and "test IW-NLL" in header
     assert [row[0] for row in rows] == [*finished, "3", "2"]  # finished by IW-NLL, running, failed

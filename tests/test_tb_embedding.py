@@ -38,3 +38,17 @@ def test_embedding_rejects_mismatched_shapes(tmp_path: Path):
     with pytest.raises(ValueError, match="embedding needs means"):
         logger.embedding(torch.zeros(4, 2), torch.zeros(3), torch.zeros(4, 1, 8, 8), step=0)
     logger.close()
+
+
+def test_every_run_holds_the_custom_scalars_layout(trained_run: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    accumulator = EventAccumulator(str(trained_run / "tb"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    (event,) = accumulator.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(event.tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
+    assert charts["NELBO, train and validation"] == ["train/nelbo", "val/nelbo"]
+    assert charts["KL per level"] == ["train/kl/.*", "val/kl/.*"]

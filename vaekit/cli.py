@@ -154,13 +154,36 @@ def _report_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vaekit report",
         description=(
-            "Compare every run under DIR (a multirun folder or outputs/): prints a markdown table of "
-            "each run's overrides, status and final metrics sorted by test IW-NLL, writes DIR/report.csv "
-            "and DIR/report_curves.png (validation NELBO against epoch). Failed and unfinished runs "
-            "are listed with their status."
+            "Compare every run under DIR (a multirun folder or outputs/). Runs whose overrides differ "
+            "only in the seed form a group: mean +- standard error and n of each test metric, groups "
+            "sorted by test IW-NLL; with --baseline, each group's paired difference (same seed) with a "
+            "95% t-interval. Then every run's overrides, status and metrics. Writes DIR/report.csv "
+            "(one row per run) and DIR/report_curves.png (each group's validation NELBO, +- one "
+            "standard error). Failed and unfinished runs are named, never averaged in."
         ),
     )
     parser.add_argument("dir", type=Path, metavar="DIR", help="a folder holding runs")
+    parser.add_argument(
+        "--baseline",
+        metavar="KEY=VALUE",
+        help="paired differences (same seed) of every group against the group with this override",
+    )
+    parser.add_argument(
+        "--by", metavar="KEY", help="group by this override only (default: all but the seeds)"
+    )
+    parser.add_argument(
+        "--seed-keys",
+        nargs="+",
+        default=[],
+        metavar="KEY",
+        help="overrides that count as seeds besides trainer.seed (runs differing only in them are one group)",
+    )
+    parser.add_argument(
+        "--format",
+        default="markdown",
+        choices=("markdown", "csv", "json", "latex"),
+        help="what is printed (default markdown: the groups, paired differences and every run)",
+    )
     return parser
 
 
@@ -202,9 +225,10 @@ def _sample(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from vaekit.commands.report import report
 
-    table, csv_path, png_path = report(args.dir)
-    print(table)
-    print(f"\nwrote {csv_path} and {png_path}")
+    text, csv_path, png_path = report(args.dir, args.by, args.seed_keys, args.baseline, args.format)
+    print(text)
+    where = sys.stdout if args.format == "markdown" else sys.stderr  # keep `> table.tex` clean
+    print(f"\nwrote {csv_path} and {png_path}", file=where)
 
 
 TOOLS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argparse.Namespace], None]]] = {

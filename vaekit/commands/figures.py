@@ -54,17 +54,24 @@ def save_scatter(points: np.ndarray, labels: np.ndarray, path: Path, title: str)
     return _save(figure, path)
 
 
-def save_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str, ylabel: str) -> Path:
-    """Line plot of (step, value) curves, one line per name; a note when there are none."""
+def save_curves(
+    curves: dict[str, list[tuple[int, float, float]]], path: Path, title: str, ylabel: str
+) -> Path:
+    """Line plot of (step, mean, standard error) curves, one colour per name, with a band of
+    +- one standard error where it is finite; a note when there are none."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(9, 5.5), dpi=DPI)
     axes = figure.add_subplot()
     colours = _colours(len(curves))
     for colour, (name, points) in zip(colours, curves.items(), strict=True):
-        steps, values = zip(*points, strict=True) if points else ((), ())
+        steps, means, sems = (
+            (np.asarray(column) for column in zip(*points, strict=True)) if points else ((),) * 3
+        )
         marker = "." if len(points) < 30 else None
-        axes.plot(steps, values, color=colour, label=literal(name), marker=marker)
+        axes.plot(steps, means, color=colour, label=literal(name), marker=marker)
+        if len(points) and np.isfinite(sems).any():
+            axes.fill_between(steps, means - sems, means + sems, color=colour, alpha=0.25, linewidth=0)
     if not any(curves.values()):
         axes.text(0.5, 0.5, "no validation curves found", ha="center", va="center", transform=axes.transAxes)
     axes.set_xlabel("epoch")

@@ -1,9 +1,12 @@
 """`vaekit report`: compare every run under a folder (a multirun sweep, or outputs/).
 
-One row per run: its command-line overrides (.hydra/overrides.yaml), status and final test
-metrics (metrics.json), sorted by test IW-NLL; printed as markdown, written to report.csv.
-report_curves.png plots every run's validation NELBO against epoch (TensorBoard events).
-Failed runs and runs still in progress are listed with their status, never dropped.
+Runs whose overrides differ only in the seed form a group (vaekit/evaluation/compare.py):
+mean +- standard error and n per metric, paired differences against a `--baseline` group
+(vaekit/commands/tables.py). Below, one row per run: its command-line overrides
+(.hydra/overrides.yaml), status and final test metrics (metrics.json), sorted by test IW-NLL,
+also written to report.csv. report_curves.png plots each group's validation NELBO against
+epoch (mean over seeds, +- one standard error). Failed runs and runs still in progress are
+listed with their status, never averaged in.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vaekit.commands.tables import FORMATS, as_csv, as_json, as_latex, as_markdown, compare
 from vaekit.errors import VaekitError
+from vaekit.evaluation.compare import SEED_KEYS, normalized, summarize
 from vaekit.runs import find_runs
 
 METRIC_COLUMNS = (  # (key in metrics.json, markdown heading, format)
@@ -42,6 +48,8 @@ class RunRecord:
     status: str  # finished, early_stopped, failed, running, ... (from metrics.json)
     metrics: dict[str, Any] = field(default_factory=dict)
     note: str = ""  # the failure reason, or why there are no metrics
+    seed: tuple[str, ...] = ()  # the value of each seed key: runs with equal seeds are paired
+    dataset: str = ""  # dataset.name of the run's config
 
     @property
     def iw_nll(self) -> float:
@@ -68,8 +76,38 @@ def read_overrides(run_dir: Path) -> dict[str, str]:
     return overrides
 
 
-def read_record(run_dir: Path, root: Path) -> RunRecord:
-    """One run's overrides, status and metrics; no metrics.json means it is still running."""
+def read_config(run_dir: Path) -> Any:
+    """The run's composed config (.hydra/config.yaml), or None when it is missing or damaged."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    except Exception:  # a damaged or missing file should not hide the run
+        return None
+
+
+def seed_of(config: Any, overrides: dict[str, str], seed_keys: Sequence[str]) -> tuple[str, ...]:
+    """Each seed key's value: the override, else the run's config (trainer.seed defaults to 0)."""
+    from omegaconf import OmegaConf
+
+    items = {normalized(key): value for key, value in overrides.items()}
+    values = []
+    for key in seed_keys:
+        found = OmegaConf.select(config, key, default=None) if config is not None else None
+        values.append(items.get(key, "" if found is None else str(found)))
+    return tuple(values)
+
+
+def read_record(run_dir: Path, root: Path, seed_keys: Sequence[str] = SEED_KEYS) -> RunRecord:
+    """One run's overrides, seed, status and metrics; no metrics.json means it is still running."""
+    record = _read_metrics(run_dir, root)
+    config = read_config(run_dir)
+    record.seed = seed_of(config, record.overrides, seed_keys)
+    record.dataset = str(config.get("dataset", {}).get("name", "")) if config is not None else ""
+    return record
+
+
+def _read_metrics(run_dir: Path, root: Path) -> RunRecord:
     name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
     overrides = read_overrides(run_dir)
     path = run_dir / "metrics.json"
@@ -86,14 +124,14 @@ def read_record(run_dir: Path, root: Path) -> RunRecord:
     return RunRecord(run_dir, name, overrides, status, metrics, note)
 
 
-def collect(root: Path) -> list[RunRecord]:
+def collect(root: Path, seed_keys: Sequence[str] = SEED_KEYS) -> list[RunRecord]:
     """Every run under `root`, best test IW-NLL first; runs without metrics after them."""
     if not root.is_dir():
         raise VaekitError(f"{root} is not a directory." if root.exists() else f"{root} does not exist.")
     runs = find_runs(root)
     if not runs:
         raise VaekitError(f"No vaekit runs under {root} (no folder with .hydra/, metrics.json or best.pt).")
-    records = [read_record(run, root) for run in runs]
+    records = [read_record(run, root, seed_keys) for run in runs]
     return sorted(records, key=lambda r: (STATUS_ORDER.get(r.status, 3), r.iw_nll))
 
 
@@ -168,22 +206,52 @@ def read_curve(run_dir: Path, tag: str = CURVE_TAG) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
-def curve_label(record: RunRecord, keys: list[str]) -> str:
-    """Legend entry: the run's name and the overrides that tell it apart."""
-    differing = " ".join(f"{key}={record.overrides[key]}" for key in keys if key in record.overrides)
-    suffix = "" if record.status in ("finished", "early_stopped") else f" [{record.status}]"
-    return f"{record.name}: {differing}{suffix}" if differing else f"{record.name}{suffix}"
+def group_curve(records: Sequence[RunRecord]) -> list[tuple[int, float, float]]:
+    """(epoch, mean, standard error) of the runs' validation NELBO at each epoch some run has
+    (se nan where only one run reached the epoch)."""
+    by_epoch: dict[int, list[float]] = {}
+    for record in records:
+        for step, value in read_curve(record.path):
+            by_epoch.setdefault(step, []).append(value)
+    return [(step, (s := summarize(values)).mean, s.sem) for step, values in sorted(by_epoch.items())]
 
 
-def report(root: Path) -> tuple[str, Path, Path]:
-    """Build the report of every run under root: (markdown, report.csv path, report_curves.png path)."""
+def check_one_dataset(records: Sequence[RunRecord], root: Path) -> None:
+    """Runs of different datasets are never averaged or paired: one sentence."""
+    names = sorted({record.dataset for record in records if record.dataset})
+    if len(names) > 1:
+        raise VaekitError(
+            f"The runs under {root} used different datasets ({', '.join(names)}), whose numbers "
+            f"cannot be averaged or compared: report each dataset's runs on their own."
+        )
+
+
+def report(
+    root: Path,
+    by: str | None = None,
+    seed_keys: Sequence[str] = (),
+    baseline: str | None = None,
+    fmt: str = "markdown",
+) -> tuple[str, Path, Path]:
+    """The report of every run under root: (text in `fmt`, report.csv path, report_curves.png
+    path). Everything is checked before a file is written."""
     from vaekit.commands.figures import save_curves
 
+    if fmt not in FORMATS:
+        raise VaekitError(f"--format must be one of {', '.join(FORMATS)}, not {fmt}.")
     root = Path(root)
-    records = collect(root)
+    records = collect(root, (*SEED_KEYS, *(normalized(k) for k in seed_keys)))
+    check_one_dataset(records, root)
+    comparison = compare(records, seed_keys, by, baseline)
     keys, _ = varying_keys(records)
+    text = {
+        "markdown": lambda: as_markdown(comparison) + "\n\nruns:\n\n" + markdown(records),
+        "csv": lambda: as_csv(comparison),
+        "json": lambda: as_json(comparison),
+        "latex": lambda: as_latex(comparison),
+    }[fmt]()
     csv_path = write_csv(records, root / "report.csv")
-    curves = {curve_label(record, keys): read_curve(record.path) for record in records}
-    title = f"validation NELBO of {len(records)} run(s) under {root.resolve().name}"
+    curves = {group.label: group_curve(group.runs) for group in comparison.groups}
+    title = f"validation NELBO of {len(comparison.groups)} group(s) under {root.resolve().name}"
     png_path = save_curves(curves, root / "report_curves.png", title, "validation NELBO (nats)")
-    return markdown(records), csv_path, png_path
+    return text, csv_path, png_path

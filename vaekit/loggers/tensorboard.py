@@ -12,6 +12,15 @@ from torch.utils.tensorboard import SummaryWriter
 from vaekit.loggers.grid import image_grid
 from vaekit.rng import own_rng
 
+# TensorBoard's CUSTOM SCALARS tab: what a user compares, on one chart each (tags are regexes).
+LAYOUT = {
+    "vaekit": {
+        "NELBO, train and validation": ["Multiline", ["train/nelbo", "val/nelbo"]],
+        "reconstruction, train and validation": ["Multiline", ["train/rec", "val/rec"]],
+        "KL per level": ["Multiline", [r"train/kl/.*", r"val/kl/.*"]],
+    }
+}
+
 
 class RunLogger:
     """A SummaryWriter writing event files into `<run_dir>/tb`."""
@@ -20,6 +29,7 @@ class RunLogger:
         # purge_step: events at or after this step from an earlier, interrupted writer are
         # hidden, so a resumed run's curves continue without duplicated steps
         self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
+        self.writer.add_custom_scalars(LAYOUT)
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         """One scalar per key, tagged `<prefix>/<key>` (e.g. val/nelbo, train/kl/z1)."""
