@@ -33,6 +33,7 @@ from vaekit.training.flatten import FlatParameters
 from vaekit.training.lock import RunLock
 from vaekit.training.resume import register_resolvers, resumed_config
 from vaekit.training.signals import StopRequest
+from vaekit.trust import check_trusted
 
 log = logging.getLogger("vaekit")
 
@@ -270,7 +271,9 @@ def prepare_resume(cfg: DictConfig, hydra_cfg: Any) -> tuple[DictConfig, dict[st
     resume changes none of the run's files."""
     from vaekit.training.trainer import check_resumable
 
+    trusted = list(cfg.trust)
     cfg, checkpoint = resumed_config(cfg, list(hydra_cfg.overrides.task))
+    check_trusted(checkpoint["config"], Path(cfg.resume) / "last.pt", trusted)  # before anything is built
     check_resumable(checkpoint, Path(cfg.resume) / "last.pt")
     check_settings(cfg)
     resolve_device(cfg.trainer.device)

@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 from vaekit.errors import VaekitError
 from vaekit.schema import upgrade_config
 from vaekit.training.checkpoint import check_weights, load_checkpoint
-from vaekit.trust import check_trusted
 
 RESUMABLE_KEYS = frozenset(
     {
@@ -66,7 +65,6 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, d
         )
     checkpoint = load_checkpoint(run_dir / "last.pt")
     check_weights(checkpoint, run_dir / "last.pt")
-    check_trusted(checkpoint["config"], run_dir / "last.pt", list(cfg.trust))
     saved = OmegaConf.create(upgrade_config(checkpoint["config"]))
     for key in changed:
         OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
