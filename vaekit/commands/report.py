@@ -243,7 +243,6 @@ def report(
     records = collect(root, (*SEED_KEYS, *(normalized(k) for k in seed_keys)))
     check_one_dataset(records, root)
     comparison = compare(records, seed_keys, by, baseline)
-    keys, _ = varying_keys(records)
     text = {
         "markdown": lambda: as_markdown(comparison) + "\n\nruns:\n\n" + markdown(records),
         "csv": lambda: as_csv(comparison),

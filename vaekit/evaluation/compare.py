@@ -71,10 +71,6 @@ class Group:
         """'prior=mog latent=8', or 'all runs' for a group without keys."""
         return " ".join(f"{k}={v}" for k, v in self.key) or "all runs"
 
-    def values(self, metric: str) -> list[float]:
-        """The metric of every run of the group (all finite: `group_runs` checked)."""
-        return [float(run.metrics[metric]) for run in self.runs]
-
     def summary(self, metric: str) -> Summary:
         """Mean, standard error and n of a metric over the group's runs that have it finite."""
         return summarize(
