@@ -86,7 +86,8 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     real command once per session and shared by the evaluate and sample tests."""
     tmp = tmp_path_factory.mktemp("trained")
     run = tmp / "run"
-    done = run_vaekit("train", *FAST, "model.latent_dim=2", f"hydra.run.dir={run}", cwd=tmp)
+    settings = [*FAST, "model.latent_dim=2", "trainer.deterministic=true"]  # deterministic: used for real
+    done = run_vaekit("train", *settings, f"hydra.run.dir={run}", cwd=tmp)
     assert done.returncode == 0, done.stderr
     return run
 

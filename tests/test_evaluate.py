@@ -21,7 +21,7 @@ from vaekit.training.checkpoint import CHECKPOINT_FORMAT
 
 RESULT_KEYS = {
     "run_dir", "checkpoint", "epoch", "split", "num_examples", "k", "nelbo_samples", "seed", "batch_size",
-    "device",
+    "device", "checksum",
     "nelbo", "rec", "kl", "kl_z", "iw_nll", "bpd", "nelbo_bpd", "active_units", "active_units_total",
     "latent_dims",
 }  # fmt: skip

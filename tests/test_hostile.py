@@ -263,6 +263,26 @@ def with_bad_rng(checkpoint: dict) -> dict:
     return {**checkpoint, "rng": {"torch": 5}}
 
 
+def with_unknown_device(checkpoint: dict) -> dict:
+    return {**checkpoint, "rng": {**checkpoint["rng"], "device_type": "xpu9"}}
+
+
+def with_changed_split(split: str) -> Callable[[dict], dict]:
+    """The checkpoint as if its run had been trained on other `split` files."""
+    return lambda checkpoint: {
+        **checkpoint,
+        "data_checksums": {**checkpoint["data_checksums"], split: "0" * 16},
+    }
+
+
+def second_run_on_other_test_set(run: Path) -> None:
+    """A copy of the run beside it whose metrics.json names another test-set checksum."""
+    other = Path(shutil.copytree(run, run.parent / "other"))
+    metrics = json.loads((other / "metrics.json").read_text())
+    metrics["data_checksums"]["test"] = "0" * 16
+    (other / "metrics.json").write_text(json.dumps(metrics))
+
+
 def with_dataset_5(checkpoint: dict) -> dict:
     return {**checkpoint, "config": {**checkpoint["config"], "dataset": 5}}
 
@@ -395,6 +415,28 @@ CASES = [
         "rng of the wrong type",
         on_run("train", "resume={run}", "trainer.max_epochs=5", before=damaged("last.pt", with_bad_rng)),
         "cannot be resumed: its RNG states",
+    ),
+    Case(
+        "rng from an unknown device",
+        on_run("train", "resume={run}", "trainer.max_epochs=5",
+               before=damaged("last.pt", with_unknown_device)),
+        "a device of type 'xpu9', which vaekit does not know",
+    ),
+    Case(
+        "resume after the train files changed",
+        on_run("train", "resume={run}", "trainer.max_epochs=5",
+               before=damaged("last.pt", with_changed_split("train"))),
+        "The train split is not the one",
+    ),
+    Case(
+        "evaluate after the test files changed",
+        on_run("evaluate", "{run}", before=damaged("best.pt", with_changed_split("test"))),
+        "The test split of the data on disk differs",
+    ),
+    Case(
+        "report over two test sets",
+        on_run("report", "{tmp}", before=second_run_on_other_test_set),
+        "were scored on different test sets",
     ),
     Case(
         "last.pt of another latent size",

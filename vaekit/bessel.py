@@ -59,7 +59,8 @@ def _log_iv_and_ratio(order: float, x: Tensor) -> tuple[Tensor, Tensor]:
     """(log I_order(x), I_{order+1}(x) / I_order(x)) for float64 x > 0, without gradients."""
     shift = max(0, math.ceil(DEBYE_MIN_ORDER - order))
     top = order + shift
-    orders = torch.tensor([top, top + 1.0], dtype=x.dtype, device=x.device).view(2, *([1] * x.dim()))
+    # made on the device (no copy from the host): (2, 1, ..., 1)
+    orders = (torch.arange(2, dtype=x.dtype, device=x.device) + top).view(2, *([1] * x.dim()))
     log_i_top, log_i_next = _debye_log_iv(orders, x).unbind(0)
     ratio = torch.exp(log_i_next - log_i_top)  # R_top
     product = torch.ones_like(x)  # prod of <= 20 factors R_j > x / 42: no underflow for x > 1e-12

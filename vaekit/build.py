@@ -15,8 +15,7 @@ from omegaconf import DictConfig
 from vaekit.data import DeviceData, RawSplits
 from vaekit.errors import VaekitError
 from vaekit.rng import MAX_SEED
-
-DEVICE_TYPES = ("cpu", "cuda", "mps")  # what vaekit trains and evaluates on
+from vaekit.training.rng_state import DEVICE_TYPES
 
 
 @dataclass

@@ -194,12 +194,12 @@ class VampPrior(Prior):
         if self.init != "data":
             return
         n = x_train.shape[0]
-        with own_rng(x_train.device):
+        with own_rng():  # drawn from the CPU stream: the same examples on every device
             if self.num_components <= n:
-                index = torch.randperm(n, device=x_train.device)[: self.num_components]
+                index = torch.randperm(n)[: self.num_components]
             else:  # more pseudo-inputs than examples: draw with replacement
-                index = torch.randint(n, (self.num_components,), device=x_train.device)
-        u = x_train[index].clamp(self.EPS, 1 - self.EPS)
+                index = torch.randint(n, (self.num_components,))
+        u = x_train[index.to(x_train.device)].clamp(self.EPS, 1 - self.EPS)
         self.pseudo_logits.copy_(torch.logit(u).to(self.pseudo_logits))
 
     def pseudo_inputs(self) -> Tensor:

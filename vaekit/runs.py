@@ -139,6 +139,20 @@ def _locate_dataset_root(config: DictConfig, run_dir: Path) -> None:
         config.dataset.root = str(cwd / root)
 
 
+def check_data_unchanged(checkpoint: dict[str, Any], data: Any, path: Path) -> None:
+    """The data on disk must be what the checkpoint was trained and scored on, split by split
+    (checkpoints of older vaekit versions hold no checksums and pass)."""
+    from vaekit.data.memory import changed_splits
+
+    changed = changed_splits(checkpoint.get("data_checksums"), data.checksums)
+    if changed:
+        raise VaekitError(
+            f"The {' and '.join(changed)} split{'s' if len(changed) > 1 else ''} of the data on disk "
+            f"{'differ' if len(changed) > 1 else 'differs'} from what {path} was trained and scored on "
+            f"(checksums differ: the dataset's files changed): restore them, or retrain."
+        )
+
+
 def load_run(run_dir: Path, device_name: str = "auto", trust: Sequence[str] = ()) -> LoadedRun:
     """Rebuild the model of `run_dir/best.pt` from the resolved config saved inside it.
 
@@ -184,5 +198,6 @@ def load_run(run_dir: Path, device_name: str = "auto", trust: Sequence[str] = ()
     load_weights(model, checkpoint["model"], path)
     model.to(device).eval()
     data = device_data(raw, model, device)
+    check_data_unchanged(checkpoint, data, path)
     epoch = checkpoint["fit_state"]["epoch"]
     return LoadedRun(run_dir, path, epoch, config, model, raw, data, device)

@@ -28,6 +28,7 @@ class TrainerConfig:
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps
     seed: int = 0
     compile: bool = False  # torch.compile the model's forward pass
+    deterministic: bool = False  # GPU runs that repeat bitwise: deterministic kernels, no TF32
     kl_warmup_epochs: int = 0  # beta rises linearly from 0 to 1 over this many epochs; 0 = off
     free_bits: float = 0.0  # floor on each level's KL in the loss, nats per example; 0 = off
     grad_clip: float | None = None  # clip the gradient norm to this; None = no clipping

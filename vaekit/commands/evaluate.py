@@ -63,6 +63,7 @@ def evaluate_run(
         "seed": seed,
         "batch_size": batch_size,
         "device": str(run.device),
+        "checksum": run.data.checksums[split],  # of the split as scored: the same on every device
         **metrics,
     }
     result["active_units_total"] = sum(result["active_units"].values())

@@ -226,6 +226,25 @@ def check_one_dataset(records: Sequence[RunRecord], root: Path) -> None:
         )
 
 
+def check_one_test_set(records: Sequence[RunRecord], root: Path) -> None:
+    """Runs scored on different test sets (the checksum train writes into metrics.json) are
+    never ranked together: one sentence naming two of them."""
+    first: dict[str, RunRecord] = {}
+    for record in records:
+        checksums = record.metrics.get("data_checksums")
+        test = checksums.get("test") if isinstance(checksums, dict) else None
+        if not isinstance(test, str):
+            continue  # runs of older vaekit versions recorded none
+        other = next(iter(first.values()), None)
+        if other is not None and test not in first:
+            raise VaekitError(
+                f"{other.name} and {record.name} under {root} were scored on different test sets "
+                f"(their test splits' checksums differ: changed data files), so their numbers "
+                f"cannot be ranked together."
+            )
+        first.setdefault(test, record)
+
+
 def report(
     root: Path,
     by: str | None = None,
@@ -242,6 +261,7 @@ def report(
     root = Path(root)
     records = collect(root, (*SEED_KEYS, *(normalized(k) for k in seed_keys)))
     check_one_dataset(records, root)
+    check_one_test_set(records, root)
     comparison = compare(records, seed_keys, by, baseline)
     text = {
         "markdown": lambda: as_markdown(comparison) + "\n\nruns:\n\n" + markdown(records),

@@ -24,11 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaekit.build import build, check_settings, instantiate_group, resolve_device
 from vaekit.data import DeviceData
+from vaekit.data.memory import changed_splits
 from vaekit.errors import RunStopped, VaekitError, describe_os_error
 from vaekit.evaluation.metrics import check_budget, evaluate_model
 from vaekit.runs import write_json
 from vaekit.schema import register_schema
 from vaekit.training.checkpoint import load_checkpoint
+from vaekit.training.determinism import make_deterministic
 from vaekit.training.flatten import FlatParameters
 from vaekit.training.lock import RunLock
 from vaekit.training.resume import register_resolvers, resumed_config
@@ -53,8 +55,9 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def fit_fields(state: Any, cfg: DictConfig, device: torch.device) -> dict[str, Any]:
-    """The metrics.json fields that describe the fit itself."""
+def fit_fields(state: Any, cfg: DictConfig, data: DeviceData) -> dict[str, Any]:
+    """The metrics.json fields that describe the fit itself, and the checksums of the data it
+    was trained and scored on (`vaekit report` ranks only runs of one test set)."""
     return {
         "best_epoch": state.best_epoch,
         "epochs": state.epoch,
@@ -64,9 +67,10 @@ def fit_fields(state: Any, cfg: DictConfig, device: torch.device) -> dict[str, A
         "nonfinite_steps": state.nonfinite_total,
         "rollbacks": state.rollbacks,
         "status": state.status,
-        "device": str(device),
+        "device": str(data.device),
         "iw_samples": cfg.eval.iw_samples,
         "nelbo_samples": cfg.eval.nelbo_samples,
+        "data_checksums": dict(data.checksums),
     }
 
 
@@ -97,6 +101,8 @@ def train(
     if cfg.trainer.num_threads is not None:  # e.g. 1 per job when several share a CPU
         torch.set_num_threads(cfg.trainer.num_threads)
     device = resolve_device(cfg.trainer.device)
+    if cfg.trainer.deterministic:
+        make_deterministic()
     torch.manual_seed(cfg.trainer.seed)
     built = build(cfg, device, check_fits=True)
     model, data = built.model, built.data
@@ -107,6 +113,8 @@ def train(
         )
     check_budget(data.test.shape[0], cfg.eval.iw_samples, "eval.iw_samples")  # refused now, not after fitting
     check_budget(data.test.shape[0], cfg.eval.nelbo_samples, "eval.nelbo_samples")
+    if checkpoint is not None:
+        check_same_data(checkpoint, data, Path(cfg.resume) / "last.pt")
     model.prior.initialize_from_data(data.train)
     flat = FlatParameters(model)  # the optimizer sees one tensor: few kernels per step
     optimizer = instantiate_group(cfg.optimizer, "optimizer", params=[flat.param])
@@ -144,12 +152,12 @@ def train(
             state = trainer.fit()
     except Interrupted as stopped:
         write_json(
-            run_dir / "metrics.json", {**fit_fields(trainer.state, cfg, device), "reason": str(stopped)}
+            run_dir / "metrics.json", {**fit_fields(trainer.state, cfg, data), "reason": str(stopped)}
         )
         logger.close()
         raise RunStopped(f"{stopped}; resume with: vaekit train resume={run_dir}", stop.exit_code) from None
     except Diverged as diverged:
-        record = {**fit_fields(trainer.state, cfg, device), "reason": str(diverged)}
+        record = {**fit_fields(trainer.state, cfg, data), "reason": str(diverged)}
         if trainer.state.best_epoch > 0:  # the best model from before the divergence
             record.update(evaluate_best(model, data, run_dir, logger, trainer.state.best_epoch, cfg))
         write_json(run_dir / "metrics.json", record)
@@ -157,12 +165,23 @@ def train(
         raise RunStopped(str(diverged)) from None
     metrics = {
         **evaluate_best(model, data, run_dir, logger, state.best_epoch, cfg),
-        **fit_fields(state, cfg, device),
+        **fit_fields(state, cfg, data),
     }
     write_json(run_dir / "metrics.json", metrics)
     logger.hparams(hparams_of(cfg), {k: metrics[k] for k in ("test_nelbo", "test_iw_nll", "test_bpd")})
     logger.close()
     return metrics
+
+
+def check_same_data(checkpoint: dict[str, Any], data: DeviceData, path: Path) -> None:
+    """A run continues only on the data it started on: one sentence naming the changed split."""
+    changed = changed_splits(checkpoint.get("data_checksums"), data.checksums)
+    if changed:
+        raise VaekitError(
+            f"The {changed[0]} split is not the one {path} was trained on (its checksum differs: "
+            f"the dataset's files changed), so the run cannot continue: restore those files or "
+            f"start a new run."
+        )
 
 
 def log_start(cfg: DictConfig, built: Any, run_dir: Path, resumed_epoch: int | None) -> None:

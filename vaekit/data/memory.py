@@ -1,17 +1,21 @@
 """Splits resident on the device as float tensors in [0, 1], and per-batch binarization.
 
-An epoch is a random permutation sliced into batches: no per-sample Python.
+An epoch is a random permutation sliced into batches: no per-sample Python. Every random
+draw about the data (the permutations, the binarization noise, the one-off binarization of
+val and test) comes from a CPU generator and is then copied to the device, so one seed gives
+the same data stream, and the same binarized test set, on every device.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from vaekit.data.splits import RawSplits
+from vaekit.data.splits import SPLIT_NAMES, RawSplits
 
 
 class DeviceData:
@@ -19,8 +23,9 @@ class DeviceData:
 
     With `binarize=True` (a Bernoulli likelihood) training batches are freshly binarized
     every time they are drawn, x ~ Bernoulli(intensity), while validation and test are
-    binarized once with the dataset's `binarize_seed`, so their NELBO is comparable across
-    epochs and runs.
+    binarized once on the CPU with the dataset's `binarize_seed`, so their NELBO is comparable
+    across epochs, runs and devices. `checksums` holds a digest of each split as it is used
+    (train as stored; val and test as scored, binarized where they are).
     """
 
     def __init__(self, raw: RawSplits, device: torch.device, binarize: bool) -> None:
@@ -28,14 +33,18 @@ class DeviceData:
         self.device = device
         self.binarize = binarize
         self.shape = raw.shape
-        self.train = raw.train.to(device).float().mul_(scale)  # (N, C, H, W)
-        self.val = raw.val.to(device).float().mul_(scale)
-        self.test = raw.test.to(device).float().mul_(scale)
-        self.test_labels = raw.test_labels.to(device)
+        val, test = raw.val.float().mul_(scale), raw.test.float().mul_(scale)  # on the CPU
         if binarize:
-            generator = torch.Generator(device=device).manual_seed(raw.binarize_seed)
-            self.val = torch.bernoulli(self.val, generator=generator)
-            self.test = torch.bernoulli(self.test, generator=generator)
+            generator = torch.Generator().manual_seed(raw.binarize_seed)
+            val = torch.bernoulli(val, generator=generator)
+            test = torch.bernoulli(test, generator=generator)
+        self.train = raw.train.to(device).float().mul_(scale)  # (N, C, H, W)
+        self.val = val.to(device)
+        self.test = test.to(device)
+        self.test_labels = raw.test_labels.to(device)
+        scored = {"val": val, "test": test} if binarize else {"val": raw.val, "test": raw.test}
+        self.checksums = {"train": split_checksum(raw.train)}
+        self.checksums.update({name: split_checksum(split) for name, split in scored.items()})
 
     @property
     def num_dims(self) -> int:
@@ -43,17 +52,39 @@ class DeviceData:
         return int(np.prod(self.shape))
 
     def permutation(self, generator: torch.Generator) -> Tensor:
-        """A fresh random order of the training split for one epoch, (N,) int64."""
-        return torch.randperm(self.train.shape[0], device=self.device, generator=generator)
+        """A fresh random order of the training split for one epoch, (N,) int64 on the device,
+        drawn from the CPU `generator`."""
+        return torch.randperm(self.train.shape[0], generator=generator).to(self.device)
 
     def train_batch(self, perm: Tensor, step: int, batch_size: int, generator: torch.Generator) -> Tensor:
-        """Batch number `step` of the epoch ordered by `perm`, binarized afresh if asked."""
+        """Batch number `step` of the epoch ordered by `perm`, binarized afresh if asked:
+        x = 1[u < intensity] with u ~ U[0, 1) from the CPU `generator`."""
         x = self.train[perm[step * batch_size : (step + 1) * batch_size]]
-        return torch.bernoulli(x, generator=generator) if self.binarize else x
+        if not self.binarize:
+            return x
+        pinned = self.device.type == "cuda"  # a pinned buffer lets the copy run asynchronously
+        u = torch.rand(x.shape, generator=generator, pin_memory=pinned)
+        return (u.to(self.device, non_blocking=True) < x).to(x.dtype)
 
     def num_train_batches(self, batch_size: int) -> int:
         """Batches per epoch."""
         return -(-self.train.shape[0] // batch_size)
+
+
+def split_checksum(x: Tensor) -> str:
+    """BLAKE2b (64-bit, hex) of a split as uint8 values with its shape: the same images, or the
+    same binarization, give the same checksum on any device and in any run."""
+    values = x if x.dtype == torch.uint8 else x.round().to(torch.uint8)  # binarized: 0 and 1
+    digest = hashlib.blake2b(str(tuple(values.shape)).encode(), digest_size=8)
+    digest.update(values.contiguous().view(-1).numpy())
+    return digest.hexdigest()
+
+
+def changed_splits(saved: dict[str, str] | None, now: dict[str, str]) -> list[str]:
+    """Names of the splits whose checksum differs from `saved` (none when nothing was saved)."""
+    if not isinstance(saved, dict):
+        return []
+    return [name for name in SPLIT_NAMES if name in saved and saved[name] != now.get(name)]
 
 
 def batches(x: Tensor, batch_size: int) -> Iterator[Tensor]:

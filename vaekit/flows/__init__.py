@@ -7,7 +7,6 @@ package, so code and old run directories that import from it keep working.
 
 from vaekit.flows.base import (
     MAX_RECORDS,
-    SOLVER_CHECK_EVERY,
     SOLVER_STEPS,
     FlowDistribution,
     TransformModule,
@@ -35,7 +34,6 @@ __all__ = [
     "MAX_RECORDS",
     "PLANAR_MARGIN",
     "PLANAR_SHIFT",
-    "SOLVER_CHECK_EVERY",
     "SOLVER_STEPS",
     "SYLVESTER_DIAGONAL_BOUND",
     "AffineAutoregressive",

@@ -22,6 +22,7 @@ RESUMABLE_KEYS = frozenset(
         "trainer.progress",
         "trainer.num_threads",
         "trainer.device",
+        "trainer.deterministic",
         "trainer.log_images",
         "trainer.image_every",
         "eval.iw_samples",

@@ -22,6 +22,7 @@ from vaekit.errors import VaekitError
 from vaekit.evaluation.metrics import nelbo_terms
 from vaekit.rng import own_rng
 from vaekit.schema import TrainerConfig
+from vaekit.training import rng_state
 from vaekit.training.checkpoint import CHECKPOINT_FORMAT, load_weights, save_atomic
 from vaekit.training.flatten import FlatParameters
 from vaekit.training.signals import StopRequest
@@ -104,7 +105,7 @@ class Trainer:
         self.eval_batch_size = eval_batch_size  # examples per validation forward pass
         self.state = FitState()
         self.progress: EpochProgress | None = None
-        self.generator = torch.Generator(device=data.device).manual_seed(settings.seed + 1)
+        self.generator = torch.Generator().manual_seed(settings.seed + 1)  # the data's stream, on the CPU
         self.forward = torch.compile(model) if settings.compile else model
         self.last_image_epoch = -math.inf
         self.good_state: dict[str, Any] | None = None
@@ -281,21 +282,20 @@ class Trainer:
     # ----------------------------------------------------------- checkpoints
     def checkpoint(self) -> dict[str, Any]:
         """A snapshot of everything needed to evaluate or resume: weights, optimizer, counters,
-        the position inside an unfinished epoch, every RNG stream, the config. Tensors are copies."""
-        rng = {"torch": torch.get_rng_state(), "data": self.generator.get_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        the position inside an unfinished epoch, every RNG stream, the config and the checksums
+        of the data splits. Tensors are copies on the CPU, so the file loads on any machine."""
         progress = None
         if self.progress is not None:
             progress = {**asdict(self.progress), "names": list(self.progress.names)}
         return {
             "format": CHECKPOINT_FORMAT,
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "model": on_cpu(self.model.state_dict()),
+            "optimizer": on_cpu(self.optimizer.state_dict()),
             "fit_state": asdict(self.state),
-            "epoch_progress": progress,
-            "rng": rng,
+            "epoch_progress": on_cpu(progress),
+            "rng": rng_state.capture(self.generator, self.data.device),
             "config": self.config,
+            "data_checksums": dict(self.data.checksums),
         }
 
     def restore(self, checkpoint: dict[str, Any], path: Path) -> None:
@@ -317,11 +317,8 @@ class Trainer:
             if progress["sums"] is not None:
                 progress["sums"] = progress["sums"].to(self.data.device)
             self.progress = EpochProgress(**progress)
-        rng = checkpoint["rng"]  # RNG states are CPU byte tensors whatever map_location said
-        torch.set_rng_state(rng["torch"].cpu())
-        self.generator.set_state(rng["data"].cpu())
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
+        position = (self.state.epoch, self.progress.step if self.progress is not None else 0)
+        rng_state.restore(checkpoint["rng"], self.generator, self.data.device, self.settings.seed, position)
         self.last_image_epoch = self.state.epoch
 
     def _save_last(self, also_best: bool) -> dict[str, Any]:
@@ -359,8 +356,9 @@ def check_resumable(checkpoint: dict[str, Any], path: Path) -> None:
             refuse(f"its fit_state.{name} is {value!r}")
     if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
         refuse("it holds no optimizer state")
-    if not isinstance(rng, dict) or not all(_is_byte_tensor(rng.get(key)) for key in ("torch", "data")):
-        refuse("its RNG states are missing or not byte tensors")
+    rng_problem = rng_state.check_rng(rng)
+    if rng_problem is not None:
+        refuse(rng_problem)
     progress = checkpoint.get("epoch_progress")
     if progress is None:
         return
@@ -374,5 +372,12 @@ def check_resumable(checkpoint: dict[str, Any], path: Path) -> None:
         refuse("its epoch_progress has no running sums")
 
 
-def _is_byte_tensor(value: Any) -> bool:
-    return isinstance(value, Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+def on_cpu(obj: Any) -> Any:
+    """A copy of nested dicts, lists and tuples with every tensor detached and on the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: on_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(value) for value in obj)
+    return copy.deepcopy(obj)
