@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Bernoulli, Distribution, Independent, Normal, constraints
 
+from vaekit.discretized import DiscretizedLogistic, DiscretizedMixtureLogistic
 from vaekit.errors import VaekitError
 
 _NO_SAMPLE_DIMS = torch.Size()
@@ -133,3 +134,66 @@ class GaussianLikelihood(Likelihood):
         else:
             scale = torch.full_like(mean, self.std)
         return Independent(Normal(mean, scale, validate_args=False), mean.dim() - 1)
+
+
+class _DiscretizedLikelihood(Likelihood):
+    """Shared checks of the discretized logistic likelihoods: the data's levels must be theirs."""
+
+    option = ""  # the likelihood=... name that error messages give
+
+    def __init__(self, num_levels: int) -> None:
+        super().__init__()
+        if num_levels < 2:
+            raise VaekitError(f"likelihood.num_levels must be at least 2, not {num_levels}.")
+        self.num_levels = num_levels
+
+    def check_dataset(self, num_levels: int) -> None:
+        if num_levels == 2:
+            raise VaekitError(f"likelihood={self.option} on binarized data: use likelihood=bernoulli.")
+        if num_levels != self.num_levels:
+            raise VaekitError(
+                f"likelihood.num_levels={self.num_levels} but the dataset has {num_levels} levels: "
+                f"set likelihood.num_levels={num_levels} (its default follows dataset.num_levels)."
+            )
+
+
+class DiscretizedLogisticLikelihood(_DiscretizedLikelihood):
+    """x_d ~ discretized logistic over num_levels levels; params (B, *shape, 2) = [loc, log_scale]
+    per subpixel, loc in [-1, 1] units. See vaekit.discretized.DiscretizedLogistic."""
+
+    num_params = 2
+    option = "dlogistic"
+
+    def forward(self, params: Tensor) -> Distribution:
+        return DiscretizedLogistic(params[..., 0], params[..., 1], self.num_levels, params.dim() - 2)
+
+
+class DiscretizedMixtureLikelihood(_DiscretizedLikelihood):
+    """Discretized mixture of num_mixtures logistics per pixel (PixelCNN++ / NVAE), RGB channels
+    autoregressive; params (B, C, H, W, 3K) for C = 1, (B, C, H, W, 4K) for C = 3, laid out as
+    vaekit.discretized.DiscretizedMixtureLogistic documents."""
+
+    option = "dmol"
+
+    def __init__(self, num_levels: int, channels: int, num_mixtures: int = 10) -> None:
+        super().__init__(num_levels)
+        if channels not in (1, 3):
+            raise VaekitError(
+                f"likelihood.channels={channels}: dmol models grayscale (1) or RGB (3) images only."
+            )
+        if num_mixtures < 1:
+            raise VaekitError(f"likelihood.num_mixtures must be at least 1, not {num_mixtures}.")
+        self.channels = channels
+        self.num_mixtures = num_mixtures
+        self.num_params = DiscretizedMixtureLogistic.num_params(num_mixtures, channels)
+
+    def forward(self, params: Tensor) -> Distribution:
+        if params.shape[1] != self.channels:
+            raise VaekitError(
+                f"likelihood.channels={self.channels} but the data have {params.shape[1]} channels: "
+                f"set likelihood.channels={params.shape[1]} (its default follows dataset.shape)."
+            )
+        event_dims = params.dim() - 2
+        return DiscretizedMixtureLogistic(
+            params, self.num_mixtures, self.num_levels, self.channels, event_dims=event_dims
+        )

@@ -28,6 +28,8 @@ VAEKIT_TARGETS = frozenset(
         "vaekit.likelihoods.BernoulliLikelihood",
         "vaekit.likelihoods.CategoricalLikelihood",
         "vaekit.likelihoods.GaussianLikelihood",
+        "vaekit.likelihoods.DiscretizedLogisticLikelihood",
+        "vaekit.likelihoods.DiscretizedMixtureLikelihood",
         "vaekit.models.VAE",
         "vaekit.hierarchical.TwoLevelVAE",
         "vaekit.hierarchical.TopDownVAE",
@@ -44,6 +46,7 @@ VAEKIT_TARGETS = frozenset(
         "vaekit.posteriors.PowerSphericalPosterior",
         "vaekit.nets.MLPNets",
         "vaekit.nets.ConvNets",
+        "vaekit.resnet.ResNets",
     }
 )
 
