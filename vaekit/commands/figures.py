@@ -69,7 +69,7 @@ def save_curves(
             (np.asarray(column) for column in zip(*points, strict=True)) if points else ((),) * 3
         )
         marker = "." if len(points) < 30 else None
-        axes.plot(steps, means, color=colour, label=literal(name), marker=marker)
+        axes.plot(steps, means, color=colour, label=literal(shortened(name)), marker=marker)
         if len(points) and np.isfinite(sems).any():
             axes.fill_between(steps, means - sems, means + sems, color=colour, alpha=0.25, linewidth=0)
     if not any(curves.values()):
@@ -82,6 +82,15 @@ def save_curves(
         axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     figure.tight_layout()
     return _save(figure, path)
+
+
+LEGEND_WIDTH = 40  # characters of a legend label
+
+
+def shortened(label: str, width: int = LEGEND_WIDTH) -> str:
+    """A legend label of at most `width` characters: the end of a long one (run names differ
+    at their ends), after an ellipsis. The legend sits beside the axes, which it must not crowd out."""
+    return label if len(label) <= width else "…" + label[-(width - 1) :]
 
 
 def literal(text: str) -> str:
