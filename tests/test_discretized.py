@@ -328,10 +328,9 @@ def test_a_dmol_vae_built_from_config_gives_a_finite_loss_and_gradients():
               (("train", 16), ("val", 4), ("test", 4))}
     labels = {f"{split}_labels": torch.zeros(len(x), dtype=torch.long) for split, x in images.items()}
     raw = RawSplits(**images, **labels, num_levels=256, name="tiny_rgb")
-    cfg = compose_train(
-        "likelihood=dmol", "likelihood.num_mixtures=3", "net=conv", "model.latent_dim=4",
-        "dataset.shape=[3,8,8]", "dataset.num_levels=256",
-    )
+    overrides = ["likelihood=dmol", "likelihood.num_mixtures=3", "net=conv", "model.latent_dim=4",
+                 "dataset.shape=[3,8,8]", "dataset.num_levels=256"]  # fmt: skip
+    cfg = compose_train(*overrides)
     model = build_model(cfg, raw)
     assert isinstance(model.likelihood, DiscretizedMixtureLikelihood) and model.likelihood.channels == 3
     x = raw.train.float() / 255.0
@@ -341,3 +340,6 @@ def test_a_dmol_vae_built_from_config_gives_a_finite_loss_and_gradients():
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert model.sample(2).shape == (2, 3, 8, 8)
+    grayscale_setting = compose_train(*overrides, "likelihood.channels=1")
+    with pytest.raises(VaekitError, match="likelihood.channels=1 but the data have 3 channels"):
+        build_model(grayscale_setting, raw)  # refused when the model is built, before training

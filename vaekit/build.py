@@ -187,7 +187,7 @@ def build_dataset(cfg: DictConfig) -> RawSplits:
 def build_model(cfg: DictConfig, raw: RawSplits) -> torch.nn.Module:
     """Model from the model, net, prior, posterior and likelihood groups, for this dataset."""
     likelihood = instantiate_group(cfg.likelihood, "likelihood")
-    likelihood.check_dataset(raw.num_levels)
+    likelihood.check_dataset(raw.num_levels, raw.shape)
     return instantiate_group(
         cfg.model,
         "model",

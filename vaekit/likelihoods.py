@@ -7,6 +7,7 @@ Data reach every likelihood as floats in [0, 1] (binary for Bernoulli).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +78,9 @@ class Likelihood(nn.Module):
     def forward(self, params: Tensor) -> Distribution:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def check_dataset(self, num_levels: int) -> None:
-        """Raise VaekitError when this likelihood cannot model the dataset."""
+    def check_dataset(self, num_levels: int, shape: Sequence[int] = ()) -> None:
+        """Raise VaekitError when this likelihood cannot model a dataset of `num_levels`
+        intensity levels and examples of `shape` (C, H, W)."""
 
 
 class BernoulliLikelihood(Likelihood):
@@ -101,7 +103,7 @@ class CategoricalLikelihood(Likelihood):
             raise VaekitError(f"likelihood.num_vals must be at least 2, not {num_vals}.")
         self.num_params = num_vals
 
-    def check_dataset(self, num_levels: int) -> None:
+    def check_dataset(self, num_levels: int, shape: Sequence[int] = ()) -> None:
         if (num_levels - 1) % (self.num_params - 1) != 0:
             raise VaekitError(
                 f"likelihood.num_vals={self.num_params} does not divide the dataset's "
@@ -147,7 +149,7 @@ class _DiscretizedLikelihood(Likelihood):
             raise VaekitError(f"likelihood.num_levels must be at least 2, not {num_levels}.")
         self.num_levels = num_levels
 
-    def check_dataset(self, num_levels: int) -> None:
+    def check_dataset(self, num_levels: int, shape: Sequence[int] = ()) -> None:
         if num_levels == 2:
             raise VaekitError(f"likelihood={self.option} on binarized data: use likelihood=bernoulli.")
         if num_levels != self.num_levels:
@@ -186,6 +188,14 @@ class DiscretizedMixtureLikelihood(_DiscretizedLikelihood):
         self.channels = channels
         self.num_mixtures = num_mixtures
         self.num_params = DiscretizedMixtureLogistic.num_params(num_mixtures, channels)
+
+    def check_dataset(self, num_levels: int, shape: Sequence[int] = ()) -> None:
+        super().check_dataset(num_levels, shape)
+        if shape and shape[0] != self.channels:
+            raise VaekitError(
+                f"likelihood.channels={self.channels} but the data have {shape[0]} channels: "
+                f"set likelihood.channels={shape[0]} (its default follows dataset.shape)."
+            )
 
     def forward(self, params: Tensor) -> Distribution:
         if params.shape[1] != self.channels:
