@@ -1,5 +1,5 @@
 """Host syncs per training step for each posterior and prior, counted on the CPU
-(`vaekit.training.syncs.SyncCounter`): the batch, forward and backward, without the
+(`vaekit.syncs.SyncCounter`): the batch, forward and backward, without the
 trainer's own finite-step guard, and without the optimizer step (torch's Adam and Adamax read
 their step counters, which stay CPU tensors on a GPU too, so those reads cost no sync).
 
@@ -15,7 +15,7 @@ import torch
 
 from vaekit.build import build
 from vaekit.errors import VaekitError
-from vaekit.training.syncs import SyncCounter
+from vaekit.syncs import SyncCounter
 
 POSTERIORS = ("gaussian", "vmf", "power_spherical", "planar", "sylvester", "iaf")
 PRIORS = ("standard", "vampprior")

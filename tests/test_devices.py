@@ -17,9 +17,9 @@ from vaekit.build import build, build_dataset
 from vaekit.data import BINARIZE_SEED, DeviceData
 from vaekit.data.memory import changed_splits, split_checksum
 from vaekit.spherical import SYNC_FREE_MAX_DRAWS, VonMisesFisher
+from vaekit.syncs import SyncCounter
 from vaekit.training import rng_state
 from vaekit.training.checkpoint import load_checkpoint, save_atomic
-from vaekit.training.syncs import SyncCounter
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -32,6 +32,7 @@ from vaekit.models import VAE
 from vaekit.nets import MLPNets
 from vaekit.posteriors import GaussianPosterior, IAFPosterior, PlanarPosterior, SylvesterPosterior
 from vaekit.priors import StandardPrior, VampPrior
+from vaekit.syncs import SyncCounter
 
 POSTERIORS = {
     "planar": partial(PlanarPosterior, num_flows=3),
@@ -127,7 +128,18 @@ def test_log_prob_integrates_to_one_in_two_dimensions(name):
     assert samples.abs().max() < half_width  # the grid holds the mass
 
 
-def test_sylvester_q_is_orthogonal_in_float32():
+@pytest.fixture(params=["cpu", "accelerator"])
+def iteration_path(request: pytest.FixtureRequest):
+    """Run a test on both paths of the iterative parts: the CPU's (stop once converged) and the
+    accelerators' (fixed step counts, which a SyncCounter selects on the CPU too)."""
+    if request.param == "cpu":
+        yield
+        return
+    with SyncCounter():
+        yield
+
+
+def test_sylvester_q_is_orthogonal_in_float32(iteration_path):
     torch.manual_seed(1)
     eye16, eye5 = torch.eye(16), torch.eye(5)
     square = orthogonalize(torch.randn(256, 16, 16))
@@ -163,7 +175,7 @@ def block_jacobians(transform, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, dim=1)
 
 
-def test_planar_and_sylvester_stay_invertible_under_random_parameters():
+def test_planar_and_sylvester_stay_invertible_under_random_parameters(iteration_path):
     torch.manual_seed(2)
     b, latent = 256, 5
 

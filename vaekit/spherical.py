@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints, register_kl
 
 from vaekit.bessel import log_bessel_iv_and_ratio
+from vaekit.syncs import checks_are_free
 
 # --------------------------------------------------------------------------------------------
 # Distributions on the unit sphere S^{m-1} = {z in R^m : ||z|| = 1}
@@ -129,21 +130,24 @@ class VonMisesFisher(_DirectionalDistribution):
     def _accepted_eps(self, kappa: Tensor) -> Tensor:
         """Wood's rejection step: the accepted Beta draws eps, shape of kappa, no gradient.
 
-        Each proposal is accepted with probability above 0.65 at any kappa and m, so a batch
-        of SYNC_FREE_ROUNDS proposals per draw, keeping the first accepted, needs no host
-        sync: a draw with none accepted (probability below 0.35**24, about 1e-11) keeps its
-        first proposal. Large batches (evaluation with many samples), where those extra
-        proposals would cost more than a sync, draw CHECK_EVERY rounds at a time instead and
-        check after each block until every draw is accepted (exact).
+        On the CPU, where a check costs nothing, one round is drawn at a time until every draw
+        is accepted. On an accelerator, where each check stalls the device: each proposal is
+        accepted with probability above 0.65 at any kappa and m, so for training-sized batches
+        SYNC_FREE_ROUNDS proposals per draw are drawn at once and the first accepted is kept,
+        with no check (a draw with none accepted, probability below 0.35**24 ~ 1e-11, keeps
+        its first proposal); larger batches, where the extra proposals would cost more than a
+        check, draw CHECK_EVERY rounds between checks.
         """
         kappa = kappa.detach().double()
-        if kappa.numel() <= SYNC_FREE_MAX_DRAWS:
+        free = checks_are_free(kappa)
+        if not free and kappa.numel() <= SYNC_FREE_MAX_DRAWS:
             eps, _ = self._first_accepted(kappa, SYNC_FREE_ROUNDS)
             return eps.to(self.concentration.dtype)
+        rounds = 1 if free else CHECK_EVERY
         eps = torch.full_like(kappa, 0.5)
         done = torch.zeros_like(kappa, dtype=torch.bool)
-        for _ in range(0, MAX_REJECTION_ROUNDS, CHECK_EVERY):
-            proposal, accepted = self._first_accepted(kappa, CHECK_EVERY)
+        for _ in range(0, MAX_REJECTION_ROUNDS, rounds):
+            proposal, accepted = self._first_accepted(kappa, rounds)
             eps = torch.where(accepted & ~done, proposal, eps)
             done = done | accepted
             if bool(done.all()):  # one host sync per block of rounds
@@ -181,7 +185,7 @@ class VonMisesFisher(_DirectionalDistribution):
 MAX_REJECTION_ROUNDS = 1000
 SYNC_FREE_ROUNDS = 24  # proposals per draw when no host sync is spent on checking
 SYNC_FREE_MAX_DRAWS = 2**16  # draws up to which those proposals are cheaper than a sync
-CHECK_EVERY = 4  # rounds per block between acceptance checks for larger batches
+CHECK_EVERY = 4  # rounds between acceptance checks for larger batches on accelerators
 
 
 class PowerSpherical(_DirectionalDistribution):

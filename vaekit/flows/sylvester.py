@@ -8,15 +8,21 @@ from torch import Tensor
 from torch.distributions import Transform, constraints
 
 from vaekit.flows.base import rows, solve_increasing
+from vaekit.syncs import checks_are_free
 
 # Bound on |r_ii| and |r~_ii|. tanh saturates in float32 (tanh(10) is exactly 1), which would let
 # a step's Jacobian factor reach 0; the bound keeps every factor >= ~2e-3.
 SYLVESTER_DIAGONAL_BOUND = 1.0 - 1e-3
-# Fixed step counts of `orthogonalize`: 12 quintic Newton-Schulz steps, then 12 Bjorck steps,
-# bring max |I - Q^T Q| to float32 rounding (~2e-7) even for a raw matrix whose smallest
-# singular value is 1e-5 of its Frobenius norm (tests/test_flows.py checks that case).
-FAST_STEPS = 12
-BJORCK_STEPS = 12
+# Steps of `orthogonalize`. On the CPU: FAST_STEPS quintic Newton-Schulz steps, then Bjorck
+# steps until max |I - Q^T Q| < ORTHOGONAL_TOL. On accelerators, fixed counts that need no
+# check: SYNC_FREE_FAST_STEPS then SYNC_FREE_BJORCK_STEPS bring that error to float32 rounding
+# (~2e-7) even for a raw matrix whose smallest singular value is 1e-5 of its Frobenius norm
+# (tests/test_flows.py checks that case).
+FAST_STEPS = 8
+ORTHOGONAL_TOL = 1e-4
+MAX_BJORCK_STEPS = 100
+SYNC_FREE_FAST_STEPS = 12
+SYNC_FREE_BJORCK_STEPS = 12
 
 
 class SylvesterTransform(Transform):
@@ -106,27 +112,32 @@ def sylvester_triangular(off_diagonal: Tensor, diag_r: Tensor, diag_r_tilde: Ten
     return r, r_tilde
 
 
-def orthogonalize(raw: Tensor, steps: int = BJORCK_STEPS) -> Tensor:
+def orthogonalize(raw: Tensor) -> Tensor:
     """Q (..., L, M) with Q^T Q = I_M from raw (..., L, M), M <= L: the orthogonal polar factor
     of raw by the iteration of Bjorck & Bowie (1971) that van den Berg et al. (2018) use,
 
         Q_0 = raw / ||raw||_F,   Q_{k+1} = Q_k (I + (I - Q_k^T Q_k) / 2),
 
     which converges when ||Q_0||_2 < sqrt(3) (the Frobenius scaling ensures it), but grows a
-    small singular value only 1.5 times per step. So the first FAST_STEPS steps are the quintic
+    small singular value only 1.5 times per step. So the first steps are the quintic
     Newton-Schulz steps of Jordan et al. (2024, "Muon"), Q <- a Q + Q (b G + c G^2), G = Q^T Q,
     which grow small singular values ~3.4 times per step and keep all of them in (0, 1.2);
-    `steps` Bjorck steps then converge to the same polar factor (a fixed count, so no step
-    waits on the device to ask whether it is done). Differentiable throughout.
+    Bjorck steps then converge to the same polar factor (step counts: see FAST_STEPS).
+    Differentiable throughout.
     """
+    check = checks_are_free(raw)
     q = raw / torch.linalg.matrix_norm(raw).clamp_min(1e-12)[..., None, None]
     a, b, c = 3.4445, -4.7750, 2.0315
-    for _ in range(FAST_STEPS):
+    for _ in range(FAST_STEPS if check else SYNC_FREE_FAST_STEPS):
         gram = q.mT @ q
         q = a * q + q @ (b * gram + c * gram @ gram)
     eye = torch.eye(raw.shape[-1], dtype=raw.dtype, device=raw.device)
-    for _ in range(steps):
-        q = q + 0.5 * q @ (eye - q.mT @ q)
+    for _ in range(MAX_BJORCK_STEPS if check else SYNC_FREE_BJORCK_STEPS):
+        residual = eye - q.mT @ q
+        converged = check and bool(residual.abs().amax() < ORTHOGONAL_TOL)  # free on the CPU
+        q = q + 0.5 * q @ residual
+        if converged:
+            break
     return q
 
 

@@ -1,9 +1,11 @@
-"""Count the host syncs a piece of code would cost on a GPU, on any device (the CPU included).
+"""Host syncs: where the parts may spend them, and a counter of the ones a GPU would see.
 
 A host sync is an operation whose result the Python side must wait for: reading a tensor's
 value (`.item()`, `bool(t)`, `float(t)`), or an op whose output shape depends on the data
 (`nonzero`, boolean-mask indexing, `masked_select`, `unique`). On a GPU each one stalls the
-queue of kernels; on the CPU they are free, so they go unnoticed unless counted.
+queue of kernels. On the CPU it costs nothing, so iterative parts (the spherical rejection
+sampler, flow inverses, the Sylvester orthogonalization) stop as soon as they converge there,
+and run fixed, sync-free step counts on accelerators (`checks_are_free`).
 """
 
 from __future__ import annotations
@@ -33,17 +35,37 @@ def _has_bool_index(args: tuple[Any, ...]) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
 
 
+_counters_active = 0  # SyncCounters entered and not yet left
+
+
+def checks_are_free(x: torch.Tensor) -> bool:
+    """True when reading back a value of `x` costs no stall: it lives on the CPU and no
+    SyncCounter is measuring what the accelerator path would cost."""
+    return x.device.type == "cpu" and _counters_active == 0
+
+
 class SyncCounter(TorchDispatchMode):
     """A dispatch mode that counts host-syncing ops by name while it is active.
 
     `with SyncCounter() as syncs: step()` then `syncs.total` and `syncs.by_op`
     (e.g. {"aten._local_scalar_dense.default": 3}). Indexing with a boolean mask counts as
-    `index(bool)`: it runs `nonzero` below the dispatcher.
+    `index(bool)`: it runs `nonzero` below the dispatcher. While it is active the parts take
+    their accelerator path on the CPU too, so the count is what a GPU step would wait on.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.by_op: Counter[str] = Counter()
+
+    def __enter__(self) -> SyncCounter:
+        global _counters_active
+        _counters_active += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc_info: object) -> None:
+        global _counters_active
+        _counters_active -= 1
+        super().__exit__(*exc_info)
 
     @property
     def total(self) -> int:
