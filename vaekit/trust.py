@@ -25,6 +25,10 @@ VAEKIT_TARGETS = frozenset(
     {
         "vaekit.data.load_digits",
         "vaekit.data.load_torchvision",
+        "vaekit.data.load_cifar10",
+        "vaekit.data.load_omniglot",
+        "vaekit.data.load_image_folder",
+        "vaekit.data.load_celeba64",
         "vaekit.likelihoods.BernoulliLikelihood",
         "vaekit.likelihoods.CategoricalLikelihood",
         "vaekit.likelihoods.GaussianLikelihood",

@@ -38,13 +38,22 @@ class DeviceData:
             generator = torch.Generator().manual_seed(raw.binarize_seed)
             val = torch.bernoulli(val, generator=generator)
             test = torch.bernoulli(test, generator=generator)
-        self.train = raw.train.to(device).float().mul_(scale)  # (N, C, H, W)
+        self.train = self._place_train(raw, scale)  # (N, C, H, W)
         self.val = val.to(device)
         self.test = test.to(device)
         self.test_labels = raw.test_labels.to(device)
         scored = {"val": val, "test": test} if binarize else {"val": raw.val, "test": raw.test}
         self.checksums = {"train": split_checksum(raw.train)}
         self.checksums.update({name: split_checksum(split) for name, split in scored.items()})
+
+    def _place_train(self, raw: RawSplits, scale: float) -> Tensor | None:
+        """The training split as floats in [0, 1] on the device."""
+        return raw.train.to(self.device).float().mul_(scale)
+
+    @property
+    def num_train(self) -> int:
+        """Examples in the training split."""
+        return self.train.shape[0]
 
     @property
     def num_dims(self) -> int:
@@ -54,21 +63,23 @@ class DeviceData:
     def permutation(self, generator: torch.Generator) -> Tensor:
         """A fresh random order of the training split for one epoch, (N,) int64 on the device,
         drawn from the CPU `generator`."""
-        return torch.randperm(self.train.shape[0], generator=generator).to(self.device)
+        return torch.randperm(self.num_train, generator=generator).to(self.device)
 
     def train_batch(self, perm: Tensor, step: int, batch_size: int, generator: torch.Generator) -> Tensor:
         """Batch number `step` of the epoch ordered by `perm`, binarized afresh if asked:
         x = 1[u < intensity] with u ~ U[0, 1) from the CPU `generator`."""
         x = self.train[perm[step * batch_size : (step + 1) * batch_size]]
-        if not self.binarize:
-            return x
+        return self.binarized(x, generator) if self.binarize else x
+
+    def binarized(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """x' = 1[u < x] with u ~ U[0, 1) drawn from the CPU `generator`, x (B, C, H, W) on the device."""
         pinned = self.device.type == "cuda"  # a pinned buffer lets the copy run asynchronously
         u = torch.rand(x.shape, generator=generator, pin_memory=pinned)
         return (u.to(self.device, non_blocking=True) < x).to(x.dtype)
 
     def num_train_batches(self, batch_size: int) -> int:
         """Batches per epoch."""
-        return -(-self.train.shape[0] // batch_size)
+        return -(-self.num_train // batch_size)
 
 
 def split_checksum(x: Tensor) -> str:
