@@ -5,6 +5,7 @@ vaekit/commands/train.py).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -16,6 +17,8 @@ from vaekit.data import DeviceData, RawSplits
 from vaekit.errors import VaekitError
 from vaekit.rng import MAX_SEED
 from vaekit.training.rng_state import DEVICE_TYPES
+
+log = logging.getLogger("vaekit")
 
 
 @dataclass
@@ -102,12 +105,13 @@ def check_memory(cfg: DictConfig, raw: RawSplits, device: torch.device) -> None:
 
 def check_settings(cfg: DictConfig) -> None:
     """Keys and values the schema's types cannot rule out: one sentence for the first bad one."""
-    from vaekit.schema import EvalConfig, TrainConfig, TrainerConfig
+    from vaekit.schema import DataConfig, EvalConfig, TrainConfig, TrainerConfig
 
     for prefix, node, schema in (
         ("", cfg, TrainConfig),
         ("trainer.", cfg.trainer, TrainerConfig),
         ("eval.", cfg.eval, EvalConfig),
+        ("data.", cfg.data, DataConfig),
     ):
         unknown = sorted(set(node.keys()) - {f.name for f in fields(schema)})
         if unknown:
@@ -199,9 +203,28 @@ def build_model(cfg: DictConfig, raw: RawSplits) -> torch.nn.Module:
     )
 
 
-def device_data(raw: RawSplits, model: torch.nn.Module, device: torch.device) -> DeviceData:
-    """The splits on the device, binarized when the model's likelihood is Bernoulli."""
-    return DeviceData(raw, device, model.likelihood.binary_data)
+def device_data(
+    raw: RawSplits, model: torch.nn.Module, device: torch.device, feed: Any = None
+) -> DeviceData:
+    """The splits for the device, binarized when the model's likelihood is Bernoulli: all resident
+    there, or the training split streamed from host memory when `feed` (the `data` settings)
+    says so or the split would take more than `feed.max_device_bytes` there (logged)."""
+    from vaekit.schema import DataConfig
+
+    feed = feed if feed is not None else DataConfig()
+    binarize = model.likelihood.binary_data
+    train_bytes = raw.train.numel() * 4  # float32 on the device
+    stream = not feed.in_memory if feed.in_memory is not None else train_bytes > feed.max_device_bytes
+    if not stream:
+        return DeviceData(raw, device, binarize)
+    from vaekit.data.stream import StreamedData
+
+    workers = feed.num_workers if feed.num_workers is not None else (0 if device.type == "cpu" else 4)
+    limit = f"more than data.max_device_bytes={feed.max_device_bytes}"
+    why = "data.in_memory=false" if feed.in_memory is False else limit
+    gib = train_bytes / 2**30
+    log.info("streaming the training split from host memory (%.2f GiB as floats: %s)", gib, why)
+    return StreamedData(raw, device, binarize, workers)
 
 
 def build(cfg: DictConfig, device: torch.device, check_fits: bool = False) -> Built:
@@ -212,4 +235,4 @@ def build(cfg: DictConfig, device: torch.device, check_fits: bool = False) -> Bu
     if check_fits:
         check_memory(cfg, raw, device)
     model = build_model(cfg, raw).to(device)
-    return Built(device, raw, model, device_data(raw, model, device))
+    return Built(device, raw, model, device_data(raw, model, device, cfg.get("data")))

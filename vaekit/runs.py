@@ -197,7 +197,7 @@ def load_run(run_dir: Path, device_name: str = "auto", trust: Sequence[str] = ()
         raise VaekitError(f"The config saved in {path} cannot be used ({error}).") from error
     load_weights(model, checkpoint["model"], path)
     model.to(device).eval()
-    data = device_data(raw, model, device)
+    data = device_data(raw, model, device, config.get("data"))
     check_data_unchanged(checkpoint, data, path)
     epoch = checkpoint["fit_state"]["epoch"]
     return LoadedRun(run_dir, path, epoch, config, model, raw, data, device)

@@ -52,6 +52,16 @@ class EvalConfig:
 
 
 @dataclass
+class DataConfig:
+    """How the splits reach the device: resident there (the fast path) or the training split
+    streamed from host memory by a DataLoader (for data larger than the device's memory)."""
+
+    in_memory: bool | None = None  # None: resident when the training split fits max_device_bytes
+    max_device_bytes: int = 4 * 2**30  # the training split's size as float32 on the device
+    num_workers: int | None = None  # streaming's DataLoader workers; None: 0 on the CPU, 4 on a GPU
+
+
+@dataclass
 class TrainConfig:
     """Root of `configs/train.yaml`."""
 
@@ -66,6 +76,7 @@ class TrainConfig:
     trust: list[str] = field(default_factory=list)  # module prefixes a resumed config may build from
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 def _last_size(sizes: Any) -> int:
@@ -94,7 +105,7 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
     Trainer and eval settings added since take their defaults.
     """
     config = copy.deepcopy(config)
-    for key, settings in (("trainer", TrainerConfig()), ("eval", EvalConfig())):
+    for key, settings in (("trainer", TrainerConfig()), ("eval", EvalConfig()), ("data", DataConfig())):
         node = config.setdefault(key, {})
         if isinstance(node, dict):
             for name, value in asdict(settings).items():
