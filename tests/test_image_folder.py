@@ -323,7 +323,10 @@ def test_more_than_ten_percent_corrupt_files_stop_before_anything_is_written(tmp
         load_image_folder(str(root), image_size=SIZE, cache_dir=str(tmp_path / "cache"), workers=1)
 
 
-def test_vaekit_train_on_an_image_folder_end_to_end(folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "model", [["model=vae", "model.latent_dim=4"], ["model=topdown", "model.latent_dims=[4,2]"]]
+)
+def test_vaekit_train_on_an_image_folder_end_to_end(folder, tmp_path, monkeypatch, model):
     root, _ = folder
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     run_dir = tmp_path / "run"
@@ -343,7 +346,7 @@ def test_vaekit_train_on_an_image_folder_end_to_end(folder, tmp_path, monkeypatc
         "net=conv",
         "net.channels=8",
         "net.hidden_dim=32",
-        "model.latent_dim=4",
+        *model,
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
     )

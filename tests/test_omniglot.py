@@ -121,7 +121,10 @@ def test_missing_folders_and_bad_val_size_are_one_sentence(omniglot, tmp_path):
         load_omniglot(str(root), val_size=4, cache_dir=str(tmp_path / "cache"))
 
 
-def test_vaekit_train_on_omniglot_end_to_end(omniglot, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "model", [["model=vae", "model.latent_dim=4"], ["model=topdown", "model.latent_dims=[4,2]"]]
+)
+def test_vaekit_train_on_omniglot_end_to_end(omniglot, tmp_path, monkeypatch, model):
     root, _ = omniglot
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     run_dir = tmp_path / "run"
@@ -136,7 +139,7 @@ def test_vaekit_train_on_omniglot_end_to_end(omniglot, tmp_path, monkeypatch):
         "eval.iw_samples=2",
         "eval.nelbo_samples=1",
         "trainer.progress=false",
-        "model.latent_dim=4",
+        *model,
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
     )
