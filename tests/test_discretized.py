@@ -340,6 +340,10 @@ def test_a_dmol_vae_built_from_config_gives_a_finite_loss_and_gradients():
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert model.sample(2).shape == (2, 3, 8, 8)
+    torch.manual_seed(0)
+    drawn, means = model.sample(16, draw=True), model.sample(16)  # trainer.images=sample, mean
+    on_levels = lambda x: torch.equal(x, (x * 255).round() / 255)  # noqa: E731
+    assert on_levels(drawn) and not on_levels(means)
     grayscale_setting = compose_train(*overrides, "likelihood.channels=1")
     with pytest.raises(VaekitError, match="likelihood.channels=1 but the data have 3 channels"):
         build_model(grayscale_setting, raw)  # refused when the model is built, before training

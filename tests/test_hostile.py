@@ -393,6 +393,7 @@ CASES = [
         "train rollback nan", fresh("trainer.rollback_lr_factor=nan"), "rollback_lr_factor must be in (0, 1]"
     ),
     Case("train +foo=bar", fresh("+foo=bar"), "foo is not a vaekit setting"),
+    Case("train images=both", fresh("trainer.images=both"), "trainer.images must be mean or sample"),
     Case("train +trainer.foo=1", fresh("+trainer.foo=1"), "trainer.foo is not a vaekit setting"),
     Case("build error has its cause", fresh("+prior.foo=1"), "unexpected keyword argument 'foo'"),
     Case("latent_dim 1e7", fresh("model.latent_dim=10000000"), "GiB free: make the model smaller"),

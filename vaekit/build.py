@@ -124,6 +124,7 @@ def check_settings(cfg: DictConfig) -> None:
     finite = math.isfinite
     rules = [
         (t.max_epochs >= 1, f"trainer.max_epochs must be at least 1, not {t.max_epochs}."),
+        (t.images in ("mean", "sample"), f"trainer.images must be mean or sample, not {t.images}."),
         (t.patience >= 0, f"trainer.patience must be 0 or more, not {t.patience}."),
         (
             finite(t.min_delta) and t.min_delta >= 0,

@@ -23,7 +23,7 @@ from vaekit.errors import VaekitError
 from vaekit.kl import kl_term
 from vaekit.latents import MC_MEAN_SAMPLES, mean_of
 from vaekit.likelihoods import Likelihood
-from vaekit.models import ELBO, check_pairing, iw_log_likelihood, make_elbo
+from vaekit.models import ELBO, check_pairing, iw_log_likelihood, make_elbo, shown
 from vaekit.posteriors import Posterior, diagonal_normal
 from vaekit.priors import Prior
 
@@ -142,12 +142,13 @@ class HierarchicalVAE(nn.Module):
         return self.p_x(z1).log_prob(x_rep).view(k, -1)
 
     @torch.no_grad()
-    def sample(self, n: int) -> Tensor:
-        """Ancestral sampling down the generative path; mean of p(x|z_1): (n, *shape)."""
+    def sample(self, n: int, draw: bool = False) -> Tensor:
+        """Ancestral sampling down the generative path; mean of p(x|z_1) (a draw with `draw`):
+        (n, *shape)."""
         z = self.prior().sample((n,))  # (n, L_N)
         for i in reversed(range(self.levels - 1)):
             z = self.p_z(i, z).sample()
-        return self.p_x(z).mean
+        return shown(self.p_x(z), draw)
 
     @torch.no_grad()
     def log_likelihood(self, x: Tensor, k: int) -> Tensor:
@@ -230,9 +231,9 @@ class TwoLevelVAE(HierarchicalVAE):
         return self._log_p_x(x, z1_flat, k) + log_p_z - log_q
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Mean of p(x|z1) at z1 = E_q[z1|x]: (B, *shape)."""
-        return self.p_x(self.q_z1(x).mean).mean
+    def reconstruct(self, x: Tensor, draw: bool = False) -> Tensor:
+        """Mean of p(x|z1) (a draw with `draw`) at z1 = E_q[z1|x]: (B, *shape)."""
+        return shown(self.p_x(self.q_z1(x).mean), draw)
 
     @torch.no_grad()
     def posterior_means(self, x: Tensor) -> dict[str, Tensor]:
@@ -334,7 +335,7 @@ class TopDownVAE(HierarchicalVAE):
         return log_w + self._log_p_x(x, z, k)
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
+    def reconstruct(self, x: Tensor, draw: bool = False) -> Tensor:
         """Mean of p(x|z_1) with posterior means plugged in down the path: z_N = E_q[z_N|x],
         z_i = mu_i(z_{i+1}) + dmu_i: (B, *shape)."""
         r = self.deterministic_path(x)
@@ -342,7 +343,7 @@ class TopDownVAE(HierarchicalVAE):
         for i in reversed(range(self.levels - 1)):
             mu, _, delta_mu, _ = self._step(i, z, r[i])
             z = mu + delta_mu
-        return self.p_x(z).mean
+        return shown(self.p_x(z), draw)
 
     @torch.no_grad()
     def posterior_means(self, x: Tensor) -> dict[str, Tensor]:

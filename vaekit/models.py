@@ -57,6 +57,11 @@ def make_elbo(
     return ELBO(loss=rec + beta * penalty, rec=rec, kl=kl, kl_per_level=kl_per_level)
 
 
+def shown(p_x: Distribution, draw: bool) -> Tensor:
+    """What an image grid shows of p(x|z): its mean, or with `draw` a sample from it."""
+    return p_x.sample() if draw else p_x.mean
+
+
 def check_pairing(prior: Prior, posterior: Posterior) -> None:
     """Refuse, in one sentence, a posterior and a prior that live on different spaces."""
     if posterior.on_sphere and not prior.on_sphere:
@@ -128,15 +133,15 @@ class VAE(nn.Module):
         return make_elbo(rec, {"z": kl_term(q_z, self.prior(), z)}, beta, free_bits)
 
     @torch.no_grad()
-    def sample(self, n: int) -> Tensor:
-        """Mean of p(x|z) for z ~ p(z): (n, *shape) in [0, 1]."""
+    def sample(self, n: int, draw: bool = False) -> Tensor:
+        """Mean of p(x|z) (a draw from it with `draw`) for z ~ p(z): (n, *shape) in [0, 1]."""
         z = self.prior().sample((n,))
-        return self.p_x(z).mean
+        return shown(self.p_x(z), draw)
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Mean of p(x|z) at the posterior mean of q(z|x): (B, *shape)."""
-        return self.p_x(mean_of(self.q_z(x))).mean
+    def reconstruct(self, x: Tensor, draw: bool = False) -> Tensor:
+        """Mean of p(x|z) (a draw with `draw`) at the posterior mean of q(z|x): (B, *shape)."""
+        return shown(self.p_x(mean_of(self.q_z(x))), draw)
 
     def log_weights(self, x: Tensor, k: int) -> Tensor:
         """log p(x, z_j) - log q(z_j|x) for k samples z_j ~ q(z|x): shape (k, B)."""

@@ -37,6 +37,7 @@ class TrainerConfig:
     rollback_lr_factor: float = 0.5  # the learning rate is multiplied by this at each roll-back
     log_images: bool = True  # sample / reconstruction grids when validation improves,
     image_every: int = 5  # ... at most every this many epochs (and the best model's at the end)
+    images: str = "mean"  # what the grids show of p(x|z): mean, or sample (a draw from it)
     progress: bool = True  # tqdm progress bars
     num_threads: int | None = None  # CPU threads torch may use; None = torch's default (all cores)
 

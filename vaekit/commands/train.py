@@ -213,7 +213,8 @@ def evaluate_best(
         model, data.test, e.iw_samples, e.nelbo_samples, e.batch_size, e.seed, cfg.trainer.progress
     )
     if cfg.trainer.log_images:
-        logger.images(model, data.val, best_epoch)  # the grids of the model that is evaluated
+        draw = cfg.trainer.images == "sample"
+        logger.images(model, data.val, best_epoch, draw=draw)  # the grids of the model that is evaluated
         for level, mean in means.items():
             tag = "latent_means" if len(means) == 1 else f"latent_means_{level}"
             logger.embedding(mean, data.test_labels, data.test, best_epoch, tag=tag)

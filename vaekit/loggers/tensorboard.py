@@ -37,8 +37,9 @@ class RunLogger:
             self.writer.add_scalar(f"{prefix}/{name}", value, step)
 
     @torch.no_grad()
-    def images(self, model: nn.Module, x: Tensor, step: int, num: int = 64) -> None:
-        """Grids of samples, and of data beside reconstruction (pairs along each row).
+    def images(self, model: nn.Module, x: Tensor, step: int, num: int = 64, draw: bool = False) -> None:
+        """Grids of samples, and of data beside reconstruction (pairs along each row): the
+        means of p(x|z), or with `draw` samples from it.
 
         Their draws leave the global RNG streams as they were, so logging images never
         changes the noise that training sees."""
@@ -47,9 +48,9 @@ class RunLogger:
         was_training = model.training
         model.eval()
         with own_rng(x.device):
-            self.writer.add_image("samples", image_grid(model.sample(num)), step)
+            self.writer.add_image("samples", image_grid(model.sample(num, draw=draw)), step)
             x = x[: num // 2]
-            pairs = torch.stack([x, model.reconstruct(x)], dim=1).flatten(0, 1)
+            pairs = torch.stack([x, model.reconstruct(x, draw=draw)], dim=1).flatten(0, 1)
             self.writer.add_image("reconstructions", image_grid(pairs), step)
         model.train(was_training)
 

@@ -28,6 +28,7 @@ RESUMABLE_KEYS = frozenset(
         "data.num_workers",
         "trainer.log_images",
         "trainer.image_every",
+        "trainer.images",
         "eval.iw_samples",
         "eval.nelbo_samples",
         "eval.batch_size",

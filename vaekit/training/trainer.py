@@ -276,7 +276,7 @@ class Trainer:
 
     def log_images(self, step: int) -> None:
         """Sample and reconstruction grids of the model as it is now, tagged with `step`."""
-        self.logger.images(self.model, self.data.val, step)
+        self.logger.images(self.model, self.data.val, step, draw=self.settings.images == "sample")
         self.last_image_epoch = step
 
     # ----------------------------------------------------------- checkpoints
