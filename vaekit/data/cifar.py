@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vaekit.data.splits import BINARIZE_SEED, RawSplits, check_declared
+from vaekit.data.splits import BINARIZE_SEED, RawSplits, check_declared, split_off_validation
 from vaekit.errors import VaekitError
 
 CIFAR_FOLDER = "cifar-10-batches-py"
@@ -190,19 +190,15 @@ def load_cifar10(
     train_x = torch.from_numpy(np.concatenate([x for x, _ in train]))
     train_y = torch.from_numpy(np.concatenate([y for _, y in train]))
     test_x, test_y = (torch.from_numpy(a) for a in read_batch(folder / TEST_BATCH))
-    if not 0 < val_size < len(train_x):
-        raise VaekitError(
-            f"dataset.val_size must be between 1 and {len(train_x) - 1} "
-            f"(the training batches hold {len(train_x)} images), not {val_size}."
-        )
-    perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(split_seed))
-    train_idx, val_idx = perm[:-val_size], perm[-val_size:]
+    train_x, train_y, val_x, val_y = split_off_validation(
+        train_x, train_y, val_size, split_seed, "the training batches hold"
+    )
     raw = RawSplits(
-        train=train_x[train_idx].contiguous(),
-        val=train_x[val_idx].contiguous(),
+        train=train_x.contiguous(),
+        val=val_x.contiguous(),
         test=test_x.contiguous(),
-        train_labels=train_y[train_idx],
-        val_labels=train_y[val_idx],
+        train_labels=train_y,
+        val_labels=val_y,
         test_labels=test_y,
         num_levels=256,
         name=name,

@@ -7,9 +7,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from vaekit.data.splits import BINARIZE_SEED, RawSplits, check_declared
+from vaekit.data.splits import BINARIZE_SEED, RawSplits, check_declared, split_off_validation
 from vaekit.errors import VaekitError
 
 IDX_DATASETS = ("MNIST", "FashionMNIST", "KMNIST")
@@ -115,19 +113,15 @@ def load_torchvision(
     check_idx_files(root_path / dataset_class / "raw")
     train_x, train_y = _torchvision_split(dataset_class, root_path, True, download)
     test_x, test_y = _torchvision_split(dataset_class, root_path, False, download)
-    if not 0 < val_size < len(train_x):
-        raise VaekitError(
-            f"dataset.val_size must be between 1 and {len(train_x) - 1} "
-            f"(the training file holds {len(train_x)} images), not {val_size}."
-        )
-    perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(split_seed))
-    train_idx, val_idx = perm[:-val_size], perm[-val_size:]
+    train_x, train_y, val_x, val_y = split_off_validation(
+        train_x, train_y, val_size, split_seed, "the training file holds"
+    )
     raw = RawSplits(
-        train=train_x[train_idx].unsqueeze(1),
-        val=train_x[val_idx].unsqueeze(1),
+        train=train_x.unsqueeze(1),
+        val=val_x.unsqueeze(1),
         test=test_x.unsqueeze(1),
-        train_labels=train_y[train_idx],
-        val_labels=train_y[val_idx],
+        train_labels=train_y,
+        val_labels=val_y,
         test_labels=test_y,
         num_levels=256,
         name=name or dataset_class.lower(),

@@ -87,6 +87,22 @@ def check_splits(raw: RawSplits) -> None:
             )
 
 
+def split_off_validation(
+    images: Tensor, labels: Tensor, val_size: int, seed: int, holder: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(train images, train labels, val images, val labels): `val_size` examples drawn by a
+    fixed-seed permutation, for sources with no validation split of their own. `holder` names
+    what held the examples in the error, e.g. "the training file holds"."""
+    if not 0 < val_size < len(images):
+        raise VaekitError(
+            f"dataset.val_size must be between 1 and {len(images) - 1} "
+            f"({holder} {len(images)} images), not {val_size}."
+        )
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    train, val = perm[:-val_size], perm[-val_size:]
+    return images[train], labels[train], images[val], labels[val]
+
+
 def check_declared(raw: RawSplits, shape: Sequence[int] | None, num_levels: int | None) -> RawSplits:
     """The config's `dataset.shape` and `dataset.num_levels` (which other groups interpolate)
     must be what the files hold; returns `raw` when they are."""
