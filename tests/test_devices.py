@@ -147,7 +147,10 @@ def test_the_sync_counter_counts_value_reads_and_data_dependent_shapes():
         x[x > 0].sum()
         torch.nonzero(x)
         (x * 2).exp()
-    assert syncs.total == 4, syncs.by_op
+        x[:3].tolist()
+    assert syncs.total == 5, syncs.by_op
+    assert x.tolist() == x.tolist()  # the method is itself again outside the counter
+    assert syncs.by_op["Tensor.tolist"] == 1
 
 
 SPHERICAL = ("vmf", "power_spherical")

@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,8 @@ from conftest import cli_error, run_vaekit
 
 from vaekit.commands.evaluate import evaluate_run
 from vaekit.errors import VaekitError
-from vaekit.evaluation import metrics
-from vaekit.evaluation.metrics import active_units, iw_nll
+from vaekit.evaluation.importance import importance_estimates
+from vaekit.evaluation.metrics import active_units
 from vaekit.training.checkpoint import CHECKPOINT_FORMAT
 
 RESULT_KEYS = {
@@ -58,32 +59,50 @@ def test_seed_changes_the_draws_and_val_split_works(run_dir: Path):
     assert a["iw_nll"] != b["iw_nll"] and abs(a["iw_nll"] - b["iw_nll"]) < 1.0
     val = evaluate_run(run_dir, k=20, split="val", seed=0, device="cpu", progress=False, batch_size=64)
     assert val["num_examples"] == 350 and (run_dir / "eval_val_k20.json").is_file()
-    # the NELBO stage is seeded on its own: k does not change it
-    assert evaluate_run(run_dir, k=1, seed=0, device="cpu", progress=False)["nelbo"] == a["nelbo"]
+    # the NELBO of the first 5 of the same 20 draws: the IW-NLL stays, the NELBO is noisier
+    five = evaluate_run(run_dir, k=20, nelbo_samples=5, seed=0, device="cpu", progress=False)
+    assert five["iw_nll"] == a["iw_nll"] and five["nelbo"] != a["nelbo"]
+    assert abs(five["nelbo"] - a["nelbo"]) < 1.0
 
 
-class CountingModel(torch.nn.Module):
-    """log_likelihood(x, k) over a fixed, known sequence of log-weights (no randomness)."""
+class KnownWeights(torch.nn.Module):
+    """weight_terms(x, k) over fixed, known sequences of log p(x|z) and level terms (no
+    randomness): draw j of example i is row j, column i, whatever the chunking."""
 
-    def __init__(self, log_weights: torch.Tensor) -> None:
+    data_shape = (1,)
+
+    def __init__(self, log_p_x: torch.Tensor, level_terms: torch.Tensor, outputs: int) -> None:
         super().__init__()
-        self.log_weights = log_weights  # (K, B)
-        self.used = 0
+        self.table = (log_p_x, level_terms)  # (K, N) each
+        self.likelihood = types.SimpleNamespace(num_params=outputs)  # decoder outputs per pair
+        self.drawn: dict[int, int] = {}  # example index -> draws handed out so far
 
-    def log_likelihood(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        chunk = self.log_weights[self.used : self.used + k, : x.shape[0]]
-        self.used += k
-        return torch.logsumexp(chunk, dim=0) - math.log(k)
+    def weight_terms(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        columns = x[:, 0].long().tolist()  # x holds each example's index
+        start = self.drawn.get(columns[0], 0)
+        for column in columns:
+            self.drawn[column] = start + k
+        log_p_x, terms = (t[start : start + k, columns] for t in self.table)
+        return log_p_x, {"z": terms}
 
 
-@pytest.mark.parametrize("k_chunk", [1, 7, 100])
-def test_chunked_iw_estimate_combines_chunks_exactly(monkeypatch, k_chunk):
-    monkeypatch.setattr(metrics, "K_CHUNK", k_chunk)
-    log_weights = torch.randn(30, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
-    x = torch.zeros(5, 1)
-    estimate = iw_nll(CountingModel(log_weights), x, 30, batch_size=5, progress=False)
-    exact = -(torch.logsumexp(log_weights, 0) - math.log(30)).mean().item()
-    assert math.isclose(estimate, exact, rel_tol=1e-9)
+@pytest.mark.parametrize("outputs", [1, 7, 30, 1000])  # all 5 examples per call ... 4 draws of one
+def test_one_pass_gives_the_exact_iw_bound_and_nelbo_whatever_the_chunks(outputs):
+    generator = torch.Generator().manual_seed(0)
+    log_p_x = torch.randn(30, 5, generator=generator, dtype=torch.float64) * 3 - 20
+    terms = torch.rand(30, 5, generator=generator, dtype=torch.float64) * 4
+    x = torch.arange(5.0).view(5, 1)
+    model = KnownWeights(log_p_x, terms, outputs)
+    estimates = importance_estimates(model, x, 30, nelbo_draws=10, chunk_elements=4096, progress=False)
+    log_w = log_p_x - terms
+    exact_iw = -(torch.logsumexp(log_w, 0) - math.log(30)).mean().item()
+    assert math.isclose(estimates["iw_nll"], exact_iw, rel_tol=1e-9)
+    assert math.isclose(estimates["rec"], -log_p_x[:10].mean().item(), rel_tol=1e-9)
+    assert math.isclose(estimates["kl/z"], terms[:10].mean().item(), rel_tol=1e-9)
+    assert math.isclose(estimates["nelbo"], -log_w[:10].mean().item(), rel_tol=1e-9)
+    more = importance_estimates(KnownWeights(log_p_x, terms, outputs), x, 4, 30, 4096, progress=False)
+    assert math.isclose(more["nelbo"], -log_w.mean().item(), rel_tol=1e-9)  # 30 draws, IW of 4
+    assert math.isclose(more["iw_nll"], -(torch.logsumexp(log_w[:4], 0) - math.log(4)).mean().item())
 
 
 def test_active_units_counts_units_whose_mean_moves_with_x():

@@ -48,13 +48,30 @@ def wait_for_epoch(run_dir: Path, epoch: int, proc: subprocess.Popen, timeout: f
     raise AssertionError(f"no epoch {epoch} within {timeout} s")
 
 
+# The lr changes every epoch and the checkpoints hold EMA and raw weights: both resume exactly.
+COSINE_EMA = ("scheduler=cosine", "trainer.ema=0.999")
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference_runs(tmp_path_factory):
+    """The uninterrupted run of RUN plus some overrides, trained once when first asked for."""
+    runs = {}
+
+    def reference_of(*extra: str) -> Path:
+        if extra not in runs:
+            cwd = tmp_path_factory.mktemp("reference")
+            done = run_vaekit("train", *RUN, *extra, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+            assert done.returncode == 0, done.stderr
+            runs[extra] = cwd / "run"
+        return runs[extra]
+
+    return reference_of
+
+
+@pytest.fixture(scope="module")
+def reference(reference_runs):
     """The uninterrupted run every interrupted one must reproduce exactly."""
-    cwd = tmp_path_factory.mktemp("reference")
-    done = run_vaekit("train", *RUN, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
-    assert done.returncode == 0, done.stderr
-    return cwd / "run"
+    return reference_runs()
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -65,15 +82,21 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(tensor, last_b["model"][name]), name
     for key, value in last_a["optimizer"]["state"][0].items():
         assert torch.equal(value, last_b["optimizer"]["state"][0][key]), key
+    assert last_a["optimizer"]["param_groups"][0]["lr"] == last_b["optimizer"]["param_groups"][0]["lr"]
+    assert last_a["schedule"] == last_b["schedule"]
+    for name, tensor in (last_a["raw_model"] or {}).items():  # the optimizer's weights, with EMA
+        assert torch.equal(tensor, last_b["raw_model"][name]), name
     metrics_a = json.loads((a / "metrics.json").read_text())
     metrics_b = json.loads((b / "metrics.json").read_text())
     for key in ("best_epoch", "epochs", "test_nelbo", "test_iw_nll", "test_bpd", "val_nelbo"):
         assert metrics_a[key] == metrics_b[key], key
 
 
-def test_sigkill_at_a_random_point_then_resume_is_bitwise_identical(reference, tmp_path):
+@pytest.mark.parametrize("extra", [(), COSINE_EMA], ids=["plain", "cosine_ema"])
+def test_sigkill_at_a_random_point_then_resume_is_bitwise_identical(reference_runs, extra, tmp_path):
+    reference = reference_runs(*extra)
     run_dir = tmp_path / "run"
-    proc = start_vaekit("train", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = start_vaekit("train", *RUN, *extra, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     wait_for_epoch(run_dir, 3, proc)
     # somewhere inside a later epoch, drawn from a seeded stream so a failure can be replayed
     time.sleep(0.2 * float(torch.rand((), generator=torch.Generator().manual_seed(11))))
@@ -89,6 +112,8 @@ def test_sigkill_at_a_random_point_then_resume_is_bitwise_identical(reference, t
     scalars, _ = read_events(run_dir)
     steps = [step for step, _ in scalars["val/nelbo"]]
     assert sorted(set(steps)) == list(range(1, 13))
+    reference_scalars, _ = read_events(reference)
+    assert dict(scalars["train/lr"]) == dict(reference_scalars["train/lr"])  # the schedule's, epoch by epoch
 
 
 def test_sigterm_mid_epoch_writes_last_pt_and_resumes_exactly(reference, tmp_path):

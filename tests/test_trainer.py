@@ -1,5 +1,6 @@
 """The Trainer in-process: roll-back keeps the pre-divergence best model; warm-up schedule."""
 
+import contextlib
 import copy
 import math
 
@@ -10,8 +11,10 @@ from hydra import compose, initialize_config_dir
 from vaekit.build import build_dataset, build_model, device_data, instantiate_group
 from vaekit.commands.train import CONFIG_DIR
 from vaekit.loggers.tensorboard import RunLogger
+from vaekit.syncs import SyncCounter
 from vaekit.training.checkpoint import load_checkpoint
 from vaekit.training.flatten import FlatParameters
+from vaekit.training.guard import POLL_EVERY
 from vaekit.training.signals import StopRequest
 from vaekit.training.trainer import Diverged, Trainer
 
@@ -30,14 +33,21 @@ def make_trainer(run_dir, *overrides):
     return Trainer(model, flat, optimizer, data, settings, run_dir, logger, {}, StopRequest(), 1000)
 
 
-def test_divergence_rolls_back_and_keeps_the_best_model_from_before(tmp_path):
+@pytest.fixture(params=["eager", "sync_free"])
+def guard_path(request):
+    """Both paths of the non-finite guard: read at once (the CPU's) and sync-free (an
+    accelerator's, taken on the CPU too inside a SyncCounter)."""
+    with SyncCounter() if request.param == "sync_free" else contextlib.nullcontext():
+        yield request.param
+
+
+def test_divergence_rolls_back_and_keeps_the_best_model_from_before(tmp_path, guard_path):
     trainer = make_trainer(tmp_path, "trainer.max_epochs=3", "trainer.patience=100")
     assert trainer.fit().status == "finished"
     best_epoch = trainer.state.best_epoch
     best_before = load_checkpoint(tmp_path / "best.pt")["model"]
     trainer.settings.max_epochs = 10
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = 1e8  # every step from here on blows up
+    trainer.schedule.base_lrs = [1e8]  # the schedule sets each epoch's lr: every step from here on blows up
     with pytest.raises(Diverged, match="after 3 roll-back"):
         trainer.fit()
     assert trainer.state.status == "diverged" and trainer.state.rollbacks == 3
@@ -72,3 +82,39 @@ def test_free_bits_change_the_loss_not_the_nelbo(tmp_path):
     warm = trainer.model(x, beta=0.25)
     torch.testing.assert_close(warm.loss, warm.rec + 0.25 * warm.kl)
     assert math.isfinite(plain.loss.mean().item())
+
+
+def poisoned(trainer: Trainer, bad_calls: set[int]) -> None:
+    """Make the forward pass's loss NaN on the given calls (0-based) of the training step."""
+    forward, calls = trainer.forward, [0]
+
+    def forward_with_nans(x, **kwargs):
+        elbo = forward(x, **kwargs)
+        calls[0] += 1
+        if calls[0] - 1 in bad_calls:
+            elbo = type(elbo)(elbo.loss * float("nan"), elbo.rec, elbo.kl, elbo.kl_per_level)
+        return elbo
+
+    trainer.forward = forward_with_nans
+
+
+def test_the_sync_free_guard_skips_the_same_steps_without_reading_them(tmp_path):
+    """Masked steps on the device give what skipped steps give on the CPU, and the epoch waits
+    on its two reads (the guard's counters, the epoch's means) and one per POLL_EVERY steps."""
+    results = {}
+    for path in ("eager", "sync_free"):
+        trainer = make_trainer(tmp_path / path, "trainer.max_epochs=2", "trainer.log_images=false")
+        poisoned(trainer, {3, 4, 20})
+        with SyncCounter() if path == "sync_free" else contextlib.nullcontext():
+            trainer.fit()
+        results[path] = (trainer.flat.param.detach().clone(), trainer.state)
+    (eager, eager_state), (masked, masked_state) = results["eager"], results["sync_free"]
+    assert eager_state.nonfinite_total == masked_state.nonfinite_total == 3
+    assert masked_state.rollbacks == 0 and masked_state.nonfinite_in_a_row == 0
+    torch.testing.assert_close(masked, eager, rtol=1e-4, atol=1e-5)  # the bias corrections' rounding
+    assert abs(masked_state.best_val - eager_state.best_val) < 1e-3
+    trainer = make_trainer(tmp_path / "count", "trainer.max_epochs=1")
+    steps = trainer.data.num_train_batches(trainer.settings.batch_size)
+    with SyncCounter() as syncs:
+        trainer._train_epoch()
+    assert syncs.total <= 2 + steps // POLL_EVERY, syncs.by_op

@@ -151,12 +151,24 @@ def check_settings(cfg: DictConfig) -> None:
         ),
         (t.num_threads is None or t.num_threads >= 1, "trainer.num_threads must be at least 1 (or null)."),
         (e.iw_samples >= 1, f"eval.iw_samples must be at least 1, not {e.iw_samples}."),
-        (e.nelbo_samples >= 1, f"eval.nelbo_samples must be at least 1, not {e.nelbo_samples}."),
+        (
+            e.nelbo_samples is None or e.nelbo_samples >= 1,
+            f"eval.nelbo_samples must be at least 1 (or null: all k draws), not {e.nelbo_samples}.",
+        ),
         (e.batch_size >= 1, f"eval.batch_size must be at least 1, not {e.batch_size}."),
+        *limit_rules(cfg.data),
+        (
+            t.ema is None or (finite(t.ema) and 0 < t.ema < 1),
+            f"trainer.ema must be a decay in (0, 1), e.g. 0.999 (or null: off), not {t.ema}.",
+        ),
+        (t.profile_steps >= 0, f"trainer.profile_steps must be 0 or more, not {t.profile_steps}."),
     ]
     for ok, message in rules:
         if not ok:
             raise VaekitError(message)
+    from vaekit.training.schedule import build_schedule
+
+    build_schedule(cfg.get("scheduler"))  # the schedule checks its own settings, before anything is built
 
 
 def instantiate_group(node: DictConfig, group: str, **kwargs: Any) -> Any:
@@ -184,9 +196,31 @@ def _cause_of(error: Exception) -> str:
     return " ".join(lines).rstrip(".")
 
 
+def limit_rules(feed: Any) -> list[tuple[bool, str]]:
+    """data.limit_train and data.limit_eval: null, or a positive number of examples."""
+    return [
+        (
+            feed.get(key) is None or feed.get(key) >= 1,
+            f"data.{key} must be at least 1 (or null: the whole split), not {feed.get(key)}.",
+        )
+        for key in ("limit_train", "limit_eval")
+    ]
+
+
 def build_dataset(cfg: DictConfig) -> RawSplits:
-    """The dataset group's splits (uint8, on the CPU, checked at load)."""
-    return instantiate_group(cfg.dataset, "dataset")
+    """The dataset group's splits (uint8, on the CPU, checked at load), cut to their first
+    data.limit_train / data.limit_eval examples when those are set: here, before any checksum
+    is taken, so resume, evaluate and sample see the splits the run was trained on."""
+    from vaekit.data.splits import first_examples
+
+    raw = instantiate_group(cfg.dataset, "dataset")
+    feed = cfg.get("data")
+    if feed is None:
+        return raw
+    for ok, message in limit_rules(feed):  # evaluate and sample build data without check_settings
+        if not ok:
+            raise VaekitError(message)
+    return first_examples(raw, feed.get("limit_train"), feed.get("limit_eval"))
 
 
 def build_model(cfg: DictConfig, raw: RawSplits) -> torch.nn.Module:

@@ -71,7 +71,7 @@ def _evaluate_parser() -> argparse.ArgumentParser:
         "--nelbo-samples",
         type=int,
         default=defaults.nelbo_samples,
-        help=f"draws of z per example in the NELBO (default {defaults.nelbo_samples})",
+        help="draws of z per example in the NELBO, the first of the IW-NLL's draws (default: all k)",
     )
     parser.add_argument(
         "--split", choices=("test", "val"), default="test", help="split to evaluate (default test)"
@@ -272,7 +272,14 @@ def main(argv: list[str] | None = None) -> None:
         run_tool(command, rest)
         return
     from vaekit.commands import train  # deferred: imports torch and Hydra
+    from vaekit.errors import VaekitError
+    from vaekit.presets import check_presets
 
+    try:
+        check_presets(rest, train.CONFIG_DIR)  # a misspelled +experiment= or +debug=: one sentence
+    except VaekitError as error:
+        print(f"vaekit: error: {error}", file=sys.stderr)
+        sys.exit(1)
     sys.argv = [f"{sys.argv[0]} {command}", *rest]
     train.hydra_main()  # a sweep's failed jobs are summarised by vaekit.commands.callbacks
 

@@ -12,7 +12,6 @@ TensorBoard (train/kl/z2 near 0) and in `posterior_means` (active units).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,7 +22,15 @@ from vaekit.errors import VaekitError
 from vaekit.kl import kl_term
 from vaekit.latents import MC_MEAN_SAMPLES, mean_of
 from vaekit.likelihoods import Likelihood
-from vaekit.models import ELBO, check_pairing, iw_log_likelihood, make_elbo, shown
+from vaekit.models import (
+    ELBO,
+    check_pairing,
+    decoder_outputs,
+    iw_log_likelihood,
+    log_weights_of,
+    make_elbo,
+    shown,
+)
 from vaekit.posteriors import Posterior, diagonal_normal
 from vaekit.priors import Prior
 
@@ -132,9 +139,14 @@ class HierarchicalVAE(nn.Module):
         """p(z_i | z_{i+1}) for 0-based level i < N-1: batch (M,), event (L_i,)."""
         raise NotImplementedError
 
-    def log_weights(self, x: Tensor, k: int) -> Tensor:  # pragma: no cover - interface
-        """log p(x, z_1..z_N) - log q(z_1..z_N | x) for k joint samples: (k, B)."""
+    def weight_terms(self, x: Tensor, k: int) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover
+        """For k joint draws from q: log p(x|z_1) (k, B) and, per level name, log q(z_i|.) -
+        log p(z_i|.) (k, B); see `models.log_weights_of`."""
         raise NotImplementedError
+
+    def log_weights(self, x: Tensor, k: int) -> Tensor:
+        """log p(x, z_1..z_N) - log q(z_1..z_N | x) for k joint samples: (k, B)."""
+        return log_weights_of(*self.weight_terms(x, k))
 
     def _log_p_x(self, x: Tensor, z1: Tensor, k: int) -> Tensor:
         """log p(x|z_1) for z_1 (k * B, L_1) sampled for x (B, *shape): (k, B)."""
@@ -154,8 +166,7 @@ class HierarchicalVAE(nn.Module):
     def log_likelihood(self, x: Tensor, k: int) -> Tensor:
         """Importance-weighted estimate of log p(x) over all levels jointly (Burda et al., 2016),
         shape (B,); chunked like VAE.log_likelihood (see models.iw_log_likelihood)."""
-        outputs = math.prod(self.data_shape) * self.likelihood.num_params
-        return iw_log_likelihood(self.log_weights, x, k, outputs)
+        return iw_log_likelihood(self.log_weights, x, k, decoder_outputs(self))
 
 
 class TwoLevelVAE(HierarchicalVAE):
@@ -219,16 +230,17 @@ class TwoLevelVAE(HierarchicalVAE):
         rec = -self.p_x(z1).log_prob(x)
         return make_elbo(rec, {"z1": kl_z1, "z2": kl_z2}, beta, free_bits)
 
-    def log_weights(self, x: Tensor, k: int) -> Tensor:
-        """log p(x|z1) + log p(z1|z2) + log p(z2) - log q(z1|x) - log q(z2|z1): (k, B)."""
+    def weight_terms(self, x: Tensor, k: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """log p(x|z1) and {z1: log q(z1|x) - log p(z1|z2), z2: log q(z2|z1) - log p(z2)},
+        each (k, B), for k joint draws from q."""
         q_z1 = self.q_z1(x)
         z1 = q_z1.rsample((k,))  # (k, B, L1)
         z1_flat = z1.reshape(-1, z1.shape[-1])  # (k * B, L1)
         q_z2 = self.q_z2(z1_flat)
         z2 = q_z2.rsample()  # (k * B, L2)
-        log_q = q_z1.log_prob(z1) + q_z2.log_prob(z2).view(k, -1)
-        log_p_z = (self.prior().log_prob(z2) + self.p_z(0, z2).log_prob(z1_flat)).view(k, -1)
-        return self._log_p_x(x, z1_flat, k) + log_p_z - log_q
+        term_z1 = q_z1.log_prob(z1) - self.p_z(0, z2).log_prob(z1_flat).view(k, -1)
+        term_z2 = (q_z2.log_prob(z2) - self.prior().log_prob(z2)).view(k, -1)
+        return self._log_p_x(x, z1_flat, k), {"z1": term_z1, "z2": term_z2}
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, draw: bool = False) -> Tensor:
@@ -318,21 +330,21 @@ class TopDownVAE(HierarchicalVAE):
         rec = -self.p_x(z).log_prob(x)
         return make_elbo(rec, {name: kls[name] for name in self.names}, beta, free_bits)
 
-    def log_weights(self, x: Tensor, k: int) -> Tensor:
-        """log p(x|z_1) + sum_i log p(z_i|z_{i+1}) + log p(z_N) - log q(z_1..z_N|x): (k, B)."""
+    def weight_terms(self, x: Tensor, k: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """log p(x|z_1) and, per level, log q(z_i|z_{i+1}, x) - log p(z_i|z_{i+1}) (top: against
+        the prior), each (k, B), for k joint draws down the top-down path."""
         r = self.deterministic_path(x)
         q_top = self.posterior(r[-1])
         z_top = q_top.rsample((k,))  # (k, B, L_N)
-        log_w = self.prior().log_prob(z_top) - q_top.log_prob(z_top)  # (k, B)
+        terms = {self.names[-1]: q_top.log_prob(z_top) - self.prior().log_prob(z_top)}  # (k, B)
         z = z_top.reshape(-1, z_top.shape[-1])  # (k * B, L_N), sample-major like r_rep
         for i in reversed(range(self.levels - 1)):
             r_rep = r[i].expand(k, *r[i].shape).reshape(-1, r[i].shape[-1])  # (k * B, H)
             mu, log_var, delta_mu, delta_log_var = self._step(i, z, r_rep)
             q_i = diagonal_normal(mu + delta_mu, log_var + delta_log_var)
-            z_i = q_i.rsample()
-            log_w = log_w + (diagonal_normal(mu, log_var).log_prob(z_i) - q_i.log_prob(z_i)).view(k, -1)
-            z = z_i
-        return log_w + self._log_p_x(x, z, k)
+            z = q_i.rsample()
+            terms[self.names[i]] = (q_i.log_prob(z) - diagonal_normal(mu, log_var).log_prob(z)).view(k, -1)
+        return self._log_p_x(x, z, k), {name: terms[name] for name in self.names}
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, draw: bool = False) -> Tensor:

@@ -20,11 +20,19 @@ from vaekit.errors import VaekitError
 _NO_SAMPLE_DIMS = torch.Size()
 
 
+def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> torch.Size:
+    """The broadcast of two shapes (`expand` refuses a mismatch). torch.broadcast_shapes would
+    do, but its first call imports sympy, about 1 s of start-up."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return torch.Size(y if x == 1 else x for x, y in zip(a, b, strict=True))
+
+
 class QuantizedCategorical(Distribution):
     """Independent categoricals over K evenly spaced levels {0, 1/(K-1), ..., 1} per dimension.
 
     logits: (*batch, *event, K). log p(x) = sum_d [logits_d[k_d] - logsumexp(logits_d)] with
-    k_d = round(x_d (K - 1)): a fused log-softmax that never materialises the full table.
+    k_d = round(x_d (K - 1)), in float32 with no one-hot table.
     """
 
     arg_constraints = {"logits": constraints.real}
@@ -43,11 +51,12 @@ class QuantizedCategorical(Distribution):
 
     def log_prob(self, value: Tensor) -> Tensor:
         """(*batch,) log-probability in nats."""
-        shape = torch.broadcast_shapes(value.shape, self.logits.shape[:-1])
-        index = (value * (self.num_vals - 1)).round_().long().expand(shape).reshape(-1)
-        logits = self.logits.expand(*shape, self.num_vals).reshape(-1, self.num_vals)
-        nll = F.cross_entropy(logits, index, reduction="none")  # fused log-softmax + pick
-        return -self._sum_event(nll.view(shape))
+        shape = broadcast_shape(value.shape, self.logits.shape[:-1])
+        index = (value * (self.num_vals - 1)).round_().long().expand(shape).unsqueeze(-1)
+        logits = self.logits.expand(*shape, self.num_vals)
+        # log-softmax then pick: as fast as cross_entropy in training, about 2x faster on the
+        # large batches of the importance-weighted estimate (scripts/bench_iw.py)
+        return self._sum_event(logits.log_softmax(-1).gather(-1, index).squeeze(-1))
 
     @property
     def probs(self) -> Tensor:

@@ -76,6 +76,20 @@ def check_pairing(prior: Prior, posterior: Posterior) -> None:
         )
 
 
+def log_weights_of(log_p_x: Tensor, level_terms: dict[str, Tensor]) -> Tensor:
+    """log w = log p(x|z) - sum_levels [log q(z_l|.) - log p(z_l|.)] = log p(x, z) - log q(z|x).
+
+    The inputs are what every model's `weight_terms(x, k)` returns, each (k, B); averaged over
+    the k draws, -log p(x|z) is the reconstruction term and each level term that level's KL.
+    """
+    return log_p_x - sum(level_terms.values())
+
+
+def decoder_outputs(model: nn.Module) -> int:
+    """Decoder outputs per (x, z) pair: data dimensions x the likelihood's parameters each."""
+    return math.prod(model.data_shape) * model.likelihood.num_params
+
+
 def iw_log_likelihood(
     log_weights: Callable[[Tensor, int], Tensor], x: Tensor, k: int, outputs_per_example: int
 ) -> Tensor:
@@ -143,15 +157,19 @@ class VAE(nn.Module):
         """Mean of p(x|z) (a draw with `draw`) at the posterior mean of q(z|x): (B, *shape)."""
         return shown(self.p_x(mean_of(self.q_z(x))), draw)
 
-    def log_weights(self, x: Tensor, k: int) -> Tensor:
-        """log p(x, z_j) - log q(z_j|x) for k samples z_j ~ q(z|x): shape (k, B)."""
+    def weight_terms(self, x: Tensor, k: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """For k draws z_j ~ q(z|x): log p(x|z_j) (k, B) and {"z": log q(z_j|x) - log p(z_j)}
+        (k, B). log w_j = log p(x|z_j) - the level terms; see `log_weights_of`."""
         q_z = self.q_z(x)
         z = q_z.rsample((k,))  # (k, B, L)
-        log_q = q_z.log_prob(z)  # (k, B)
-        log_p_z = self.prior().log_prob(z)
+        kl = q_z.log_prob(z) - self.prior().log_prob(z)  # (k, B)
         x_rep = x.expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
         log_p_x = self.p_x(z.reshape(-1, z.shape[-1])).log_prob(x_rep).view(k, -1)
-        return log_p_x + log_p_z - log_q
+        return log_p_x, {"z": kl}
+
+    def log_weights(self, x: Tensor, k: int) -> Tensor:
+        """log p(x, z_j) - log q(z_j|x) for k samples z_j ~ q(z|x): shape (k, B)."""
+        return log_weights_of(*self.weight_terms(x, k))
 
     @torch.no_grad()
     def log_likelihood(self, x: Tensor, k: int) -> Tensor:
@@ -160,8 +178,7 @@ class VAE(nn.Module):
         log p(x) ~= logsumexp_j [log p(x, z_j) - log q(z_j|x)] - log k, z_j ~ q(z|x).
         Samples are drawn in chunks so at most IW_CHUNK_ELEMENTS decoder outputs live at once.
         """
-        outputs = math.prod(self.data_shape) * self.likelihood.num_params
-        return iw_log_likelihood(self.log_weights, x, k, outputs)
+        return iw_log_likelihood(self.log_weights, x, k, decoder_outputs(self))
 
     @torch.no_grad()
     def posterior_means(self, x: Tensor) -> dict[str, Tensor]:

@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # torch and the model stack are imported only when a run is l
     from vaekit.data import DeviceData, RawSplits
 
 RUN_MARKERS = (".hydra", "metrics.json", "best.pt", "last.pt")
-SKIP_FOLDERS = {"tb", ".hydra", "__pycache__", ".git"}  # never hold runs: don't descend
+# never hold runs: don't descend (mlartifacts: the mlflow logger's copies of best.pt, under outputs/)
+SKIP_FOLDERS = {"tb", ".hydra", "__pycache__", ".git", "mlartifacts"}
 
 
 def is_run_dir(path: Path) -> bool:
@@ -105,18 +106,79 @@ def _first_sentence(error: BaseException) -> str:
     return (head if dot else text).rstrip(".")
 
 
-@dataclass
-class LoadedRun:
-    """A run's best checkpoint rebuilt: its model (eval mode) and data on one device."""
+CHECKPOINT_NAMES = ("best", "last")
 
-    run_dir: Path
-    checkpoint: Path
-    epoch: int  # the epoch whose weights best.pt holds
-    config: DictConfig  # the resolved config saved in the checkpoint
-    model: torch.nn.Module
-    raw: RawSplits  # uint8 splits and labels (CPU)
-    data: DeviceData  # float splits on the device (binarized once for Bernoulli runs)
-    device: torch.device
+
+@dataclass(frozen=True)
+class DeclaredShape:
+    """What a model is built for, read from the saved config (dataset.shape, num_levels), so a
+    run's model can be rebuilt before (or without) loading its data."""
+
+    shape: tuple[int, ...]
+    num_levels: int
+
+
+class Run:
+    """A trained run, loaded: the model of one checkpoint (eval mode, on `device`), the config
+    saved in it, the run's metrics.json, and its data, loaded on first use.
+
+    `raw`: the uint8 splits and labels (CPU); `data`: float splits (N, C, H, W) on `device`,
+    binarized once for Bernoulli runs, checked against the checksums the checkpoint holds.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        checkpoint: Path,
+        epoch: int,
+        config: DictConfig,
+        model: torch.nn.Module,
+        device: torch.device,
+        checksums: dict[str, str] | None,
+        raw: RawSplits | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.checkpoint = checkpoint  # best.pt or last.pt
+        self.epoch = epoch  # the epoch whose weights the checkpoint holds
+        self.config = config  # the resolved config saved in the checkpoint
+        self.model = model
+        self.device = device
+        self._checksums = checksums
+        self._raw = raw
+        self._data: DeviceData | None = None
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.run_dir)!r}, {self.checkpoint.name}, epoch {self.epoch}, {self.device})"
+
+    @property
+    def raw(self) -> RawSplits:
+        """The uint8 splits and labels (CPU), loaded from the dataset on first use."""
+        if self._raw is None:
+            self._raw = _config_errors(self.checkpoint, _build_dataset, self.config)
+        return self._raw
+
+    @property
+    def data(self) -> DeviceData:
+        """The float splits on `device` (val and test binarized once where the likelihood asks),
+        checked against the checkpoint's checksums: one sentence if the files changed."""
+        if self._data is None:
+            from vaekit.build import device_data
+
+            data = device_data(self.raw, self.model, self.device, self.config.get("data"))
+            check_data_unchanged({"data_checksums": self._checksums}, data, self.checkpoint)
+            self._data = data
+        return self._data
+
+    @property
+    def metrics(self) -> dict[str, Any] | None:
+        """metrics.json as written when the run ended (None while it runs, or if unreadable)."""
+        try:
+            return json.loads((self.run_dir / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+
+LoadedRun = Run  # the name the commands used before the Python API
 
 
 def _training_cwd(run_dir: Path) -> Path | None:
@@ -153,30 +215,65 @@ def check_data_unchanged(checkpoint: dict[str, Any], data: Any, path: Path) -> N
         )
 
 
-def load_run(run_dir: Path, device_name: str = "auto", trust: Sequence[str] = ()) -> LoadedRun:
-    """Rebuild the model of `run_dir/best.pt` from the resolved config saved inside it.
+def _build_dataset(config: DictConfig) -> RawSplits:
+    from vaekit.build import build_dataset
+
+    return build_dataset(config)
+
+
+def _config_errors(path: Path, build: Any, *args: Any) -> Any:
+    """build(*args), with an unusable saved config (an OmegaConf error) as one sentence."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return build(*args)
+    except OmegaConfBaseException as error:
+        raise VaekitError(f"The config saved in {path} cannot be used ({error}).") from error
+
+
+def declared_shape(config: DictConfig) -> DeclaredShape | None:
+    """The example shape and levels the saved config declares (every built-in dataset does);
+    None when it declares neither, e.g. a loader of the user's own: then the data is loaded."""
+    shape, levels = config.dataset.get("shape"), config.dataset.get("num_levels")
+    try:
+        return DeclaredShape(tuple(int(size) for size in shape), int(levels))
+    except (TypeError, ValueError):
+        return None
+
+
+def load_run(
+    run_dir: Path,
+    device_name: str = "auto",
+    trust: Sequence[str] = (),
+    which: str = "best",
+    lazy: bool = False,
+    device_option: str = "--device",
+) -> Run:
+    """Rebuild the model of `run_dir/<which>.pt` (best or last) from the resolved config saved
+    inside it; with `lazy`, the data is loaded (and checked) on first use of `.raw` or `.data`.
 
     The checkpoint is read with weights_only=True, and its config may name only vaekit's and
     torch.optim's classes (plus modules under the `trust` prefixes: vaekit/trust.py), so a
-    crafted file cannot run code.
+    crafted file cannot run code. `device_option` names the device setting in errors.
     Raises VaekitError (one sentence) for a folder that is not a run, a missing or
     unreadable checkpoint, or one that does not match the model its config describes.
     """
+    if which not in CHECKPOINT_NAMES:
+        raise VaekitError(f"which must be best or last (the checkpoint to load), not {which!r}.")
     run_dir = require_run_dir(run_dir)
-    path = run_dir / "best.pt"
+    path = run_dir / f"{which}.pt"
     if not path.is_file():
         raise VaekitError(
-            f"{run_dir} has no best.pt (the run failed or has not finished its first epoch yet)."
+            f"{run_dir} has no {which}.pt (the run failed or has not finished its first epoch yet)."
         )
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    from vaekit.build import build_dataset, build_model, device_data, resolve_device
+    from vaekit.build import build_model, resolve_device
     from vaekit.schema import upgrade_config
     from vaekit.training.checkpoint import check_weights, load_checkpoint, load_weights
     from vaekit.trust import check_trusted
 
-    device = resolve_device(device_name, "--device")
+    device = resolve_device(device_name, device_option)
 
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols: noise for the user
@@ -188,16 +285,15 @@ def load_run(run_dir: Path, device_name: str = "auto", trust: Sequence[str] = ()
         ) from error
     check_weights(checkpoint, path)
     check_trusted(checkpoint["config"], path, trust)
-    try:
-        config = OmegaConf.create(upgrade_config(checkpoint["config"]))
-        _locate_dataset_root(config, run_dir)
-        raw = build_dataset(config)
-        model = build_model(config, raw)
-    except OmegaConfBaseException as error:
-        raise VaekitError(f"The config saved in {path} cannot be used ({error}).") from error
+    config = _config_errors(path, lambda: OmegaConf.create(upgrade_config(checkpoint["config"])))
+    _config_errors(path, _locate_dataset_root, config, run_dir)
+    shape = _config_errors(path, declared_shape, config) if lazy else None
+    raw = None if shape is not None else _config_errors(path, _build_dataset, config)
+    model = _config_errors(path, build_model, config, raw if raw is not None else shape)
     load_weights(model, checkpoint["model"], path)
     model.to(device).eval()
-    data = device_data(raw, model, device, config.get("data"))
-    check_data_unchanged(checkpoint, data, path)
     epoch = checkpoint["fit_state"]["epoch"]
-    return LoadedRun(run_dir, path, epoch, config, model, raw, data, device)
+    run = Run(run_dir, path, epoch, config, model, device, checkpoint.get("data_checksums"), raw)
+    if not lazy:
+        run.data  # noqa: B018 - loads and checks the data now: a command fails before it starts
+    return run

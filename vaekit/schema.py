@@ -40,6 +40,9 @@ class TrainerConfig:
     images: str = "mean"  # what the grids show of p(x|z): mean, or sample (a draw from it)
     progress: bool = True  # tqdm progress bars
     num_threads: int | None = None  # CPU threads torch may use; None = torch's default (all cores)
+    ema: float | None = None  # decay d in (0, 1) of an EMA of the weights, which are evaluated; None = off
+    profile_steps: int = 0  # torch.profiler trace of this many training steps into <run_dir>/profile
+    overfit_check: bool = False  # log the training split's NELBO before and after fitting (debug=overfit)
 
 
 @dataclass
@@ -47,7 +50,7 @@ class EvalConfig:
     """Evaluation: every epoch's validation NELBO and the final test metrics of best.pt."""
 
     iw_samples: int = 1000  # k of the importance-weighted log-likelihood estimate
-    nelbo_samples: int = 100  # draws of z per example averaged in the test NELBO
+    nelbo_samples: int | None = None  # the test NELBO's draws: the first n of the IW-NLL's; None: all k
     batch_size: int = 1000  # examples per forward pass, in validation and in the final evaluation
     seed: int = 0  # seeds each stage of the final evaluation, as `vaekit evaluate --seed` does
 
@@ -60,6 +63,26 @@ class DataConfig:
     in_memory: bool | None = None  # None: resident when the training split fits max_device_bytes
     max_device_bytes: int = 4 * 2**30  # the training split's size as float32 on the device
     num_workers: int | None = None  # streaming's DataLoader workers; None: 0 on the CPU, 4 on a GPU
+    limit_train: int | None = None  # train on the first N training examples only (debug presets)
+    limit_eval: int | None = None  # validate and test on the first N examples of val and of test
+
+
+@dataclass
+class MlflowConfig:
+    """Where `logger=mlflow` records runs (vaekit/loggers/mlflow.py)."""
+
+    # None: $MLFLOW_TRACKING_URI if set, else sqlite:///outputs/mlflow.db (artifacts beside it,
+    # in outputs/mlartifacts), relative to the working directory; or a server's http(s):// address
+    tracking_uri: str | None = None
+    experiment: str = "vaekit"  # created if it does not exist
+    log_checkpoint: bool = True  # best.pt as an artifact when the run finishes (a copy of the file)
+
+
+@dataclass
+class LoggersConfig:
+    """Settings of each logger; which ones run is the root key `logger`."""
+
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass
@@ -73,11 +96,16 @@ class TrainConfig:
     posterior: Any = MISSING
     net: Any = MISSING
     optimizer: Any = MISSING
+    scheduler: Any = None  # the lr schedule's plain settings (vaekit/training/schedule.py); None = none
     resume: str | None = None  # a run directory whose last.pt to continue from
     trust: list[str] = field(default_factory=list)  # module prefixes a resumed config may build from
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    # tensorboard, mlflow, csv, or a list of them: logger=[tensorboard,mlflow] (a plain setting,
+    # not a config group: Hydra picks one option per group, and this takes several)
+    logger: Any = "tensorboard"
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
 
 
 def _last_size(sizes: Any) -> int:
@@ -106,7 +134,14 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
     Trainer and eval settings added since take their defaults.
     """
     config = copy.deepcopy(config)
-    for key, settings in (("trainer", TrainerConfig()), ("eval", EvalConfig()), ("data", DataConfig())):
+    config.setdefault("logger", "tensorboard")  # runs from before vaekit had other loggers
+    sections = {
+        "trainer": TrainerConfig(),
+        "eval": EvalConfig(),
+        "data": DataConfig(),
+        "loggers": LoggersConfig(),
+    }
+    for key, settings in sections.items():
         node = config.setdefault(key, {})
         if isinstance(node, dict):
             for name, value in asdict(settings).items():

@@ -48,7 +48,7 @@ class SyncCounter(TorchDispatchMode):
     """A dispatch mode that counts host-syncing ops by name while it is active.
 
     `with SyncCounter() as syncs: step()` then `syncs.total` and `syncs.by_op`
-    (e.g. {"aten._local_scalar_dense.default": 3}). Indexing with a boolean mask counts as
+    (e.g. {"aten._local_scalar_dense.default": 3, "Tensor.tolist": 1}). Indexing with a boolean mask counts as
     `index(bool)`: it runs `nonzero` below the dispatcher. While it is active the parts take
     their accelerator path on the CPU too, so the count is what a GPU step would wait on.
     """
@@ -60,11 +60,22 @@ class SyncCounter(TorchDispatchMode):
     def __enter__(self) -> SyncCounter:
         global _counters_active
         _counters_active += 1
+        # tolist() reads a CPU tensor's memory without an ATen op (on a GPU it is a copy to
+        # the host, a sync): counted by wrapping the method while the counter is active
+        self._tolist = torch.Tensor.tolist
+        counter, read = self, self._tolist
+
+        def counted_tolist(tensor: torch.Tensor) -> Any:
+            counter.by_op["Tensor.tolist"] += 1
+            return read(tensor)
+
+        torch.Tensor.tolist = counted_tolist
         return super().__enter__()
 
     def __exit__(self, *exc_info: object) -> None:
         global _counters_active
         _counters_active -= 1
+        torch.Tensor.tolist = self._tolist
         super().__exit__(*exc_info)
 
     @property

@@ -51,6 +51,8 @@ VAEKIT_TARGETS = frozenset(
         "vaekit.nets.MLPNets",
         "vaekit.nets.ConvNets",
         "vaekit.resnet.ResNets",
+        "vaekit.training.optimizers.FlatAdam",
+        "vaekit.training.optimizers.FlatAdamax",
     }
 )
 

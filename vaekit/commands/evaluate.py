@@ -13,7 +13,7 @@ from typing import Any
 from vaekit.errors import VaekitError
 from vaekit.evaluation.metrics import check_budget, evaluate_model
 from vaekit.rng import check_seed
-from vaekit.runs import load_run, write_json
+from vaekit.runs import Run, load_run, write_json
 from vaekit.schema import EvalConfig
 
 DEFAULTS = EvalConfig()  # --k, --nelbo-samples, --batch-size and --seed default to eval.*
@@ -29,25 +29,44 @@ def evaluate_run(
     seed: int = DEFAULTS.seed,
     device: str = "auto",
     progress: bool = True,
-    nelbo_samples: int = DEFAULTS.nelbo_samples,
+    nelbo_samples: int | None = DEFAULTS.nelbo_samples,
     trust: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Evaluate `run_dir/best.pt` on a split; returns the metrics and writes them as JSON.
 
-    NELBO, rec and KL (averaged over examples and nelbo_samples draws each), IW-NLL with k samples,
-    bits/dim of the IW-NLL, and active units per latent level (Burda et al., 2016).
-    Each stage is seeded with `seed` on its own, so changing k leaves the NELBO unchanged.
+    IW-NLL with k samples and, from the same pass, NELBO, rec and KL (averaged over examples and
+    the first nelbo_samples of the k draws each; all k when None), bits/dim of both, and active
+    units per latent level (Burda et al., 2016). The same seed gives the same numbers.
     """
+    check_options(k, split, batch_size, seed, nelbo_samples)
+    run = load_run(Path(run_dir), device, trust)
+    return score_run(run, k, split, batch_size, seed, progress, nelbo_samples)
+
+
+def check_options(k: int, split: str, batch_size: int, seed: int, nelbo_samples: int | None) -> None:
+    """One sentence for the first evaluation option out of range, before any run is loaded."""
     if k < 1:
         raise VaekitError(f"--k must be at least 1, not {k}.")
     if batch_size < 1:
         raise VaekitError(f"--batch-size must be at least 1, not {batch_size}.")
-    if nelbo_samples < 1:
+    if nelbo_samples is not None and nelbo_samples < 1:
         raise VaekitError(f"--nelbo-samples must be at least 1, not {nelbo_samples}.")
     check_seed(seed, "--seed")
     if split not in SPLITS:
         raise VaekitError(f"--split must be one of {', '.join(SPLITS)}, not {split}.")
-    run = load_run(Path(run_dir), device, trust)
+
+
+def score_run(
+    run: Run,
+    k: int,
+    split: str,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+    nelbo_samples: int | None,
+) -> dict[str, Any]:
+    """The metrics of a loaded run's checkpoint on one split, written beside it as JSON (options
+    checked by check_options)."""
     x = run.data.test if split == "test" else run.data.val
     check_budget(x.shape[0], k, "--k")
     check_budget(x.shape[0], nelbo_samples, "--nelbo-samples")
@@ -59,7 +78,7 @@ def evaluate_run(
         "split": split,
         "num_examples": int(x.shape[0]),
         "k": k,
-        "nelbo_samples": nelbo_samples,
+        "nelbo_samples": nelbo_samples or k,
         "seed": seed,
         "batch_size": batch_size,
         "device": str(run.device),
@@ -67,15 +86,16 @@ def evaluate_run(
         **metrics,
     }
     result["active_units_total"] = sum(result["active_units"].values())
-    path = result_path(run.run_dir, split, k)
+    path = result_path(run.run_dir, split, k, run.checkpoint.name)
     write_json(path, result)
     result["path"] = str(path)
     return result
 
 
-def result_path(run_dir: Path, split: str, k: int) -> Path:
-    """Where `vaekit evaluate` writes its JSON: beside best.pt."""
-    return Path(run_dir) / f"eval_{split}_k{k}.json"
+def result_path(run_dir: Path, split: str, k: int, checkpoint: str = "best.pt") -> Path:
+    """Where `vaekit evaluate` writes its JSON: beside best.pt (`_last` added for last.pt's)."""
+    which = "" if checkpoint == "best.pt" else f"_{Path(checkpoint).stem}"
+    return Path(run_dir) / f"eval_{split}_k{k}{which}.json"
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -27,6 +27,8 @@ from vaekit.data import DeviceData
 from vaekit.data.memory import changed_splits
 from vaekit.errors import RunStopped, VaekitError, describe_os_error
 from vaekit.evaluation.metrics import check_budget, evaluate_model
+from vaekit.loggers.select import check_loggers, make_logger
+from vaekit.overfit import OverfitCheck
 from vaekit.runs import write_json
 from vaekit.schema import register_schema
 from vaekit.training.checkpoint import load_checkpoint
@@ -34,6 +36,7 @@ from vaekit.training.determinism import make_deterministic
 from vaekit.training.flatten import FlatParameters
 from vaekit.training.lock import RunLock
 from vaekit.training.resume import register_resolvers, resumed_config
+from vaekit.training.schedule import build_schedule
 from vaekit.training.signals import StopRequest
 from vaekit.trust import check_trusted
 
@@ -43,7 +46,7 @@ PACKAGE_CONFIGS = Path(__file__).parent.parent / "configs"  # inside an installe
 SOURCE_CONFIGS = Path(__file__).parent.parent.parent / "configs"  # in a source checkout
 CONFIG_DIR = PACKAGE_CONFIGS if PACKAGE_CONFIGS.is_dir() else SOURCE_CONFIGS
 RESUME_FAILURE = "resume_failed.json"  # a resume's failure, beside the run's metrics.json
-HPARAM_GROUPS = ("model", "prior", "posterior", "dataset", "likelihood", "net", "optimizer")
+HPARAM_GROUPS = ("model", "prior", "posterior", "dataset", "likelihood", "net", "optimizer", "scheduler")
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
@@ -53,6 +56,12 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     flat.update(latent_dim=cfg.model.get("latent_dim", 0), lr=cfg.optimizer.get("lr", 0.0))
     flat.update(batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed)
     return flat
+
+
+def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of metrics.json (test_nelbo, test_iw_nll, test_bpd, best_epoch, ...) that
+    the loggers record at the end."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def fit_fields(state: Any, cfg: DictConfig, data: DeviceData) -> dict[str, Any]:
@@ -69,7 +78,7 @@ def fit_fields(state: Any, cfg: DictConfig, data: DeviceData) -> dict[str, Any]:
         "status": state.status,
         "device": str(data.device),
         "iw_samples": cfg.eval.iw_samples,
-        "nelbo_samples": cfg.eval.nelbo_samples,
+        "nelbo_samples": cfg.eval.nelbo_samples or cfg.eval.iw_samples,
         "data_checksums": dict(data.checksums),
     }
 
@@ -95,9 +104,8 @@ def train(
 
     Raises RunStopped (metrics.json already written) when interrupted or diverged.
     """
-    from vaekit.training.trainer import Diverged, Interrupted, Trainer
-
     check_settings(cfg)
+    check_loggers(cfg)  # an unknown logger, or mlflow not installed: refused before anything is built
     if cfg.trainer.num_threads is not None:  # e.g. 1 per job when several share a CPU
         torch.set_num_threads(cfg.trainer.num_threads)
     device = resolve_device(cfg.trainer.device)
@@ -118,11 +126,34 @@ def train(
     model.prior.initialize_from_data(data.train)
     flat = FlatParameters(model)  # the optimizer sees one tensor: few kernels per step
     optimizer = instantiate_group(cfg.optimizer, "optimizer", params=[flat.param])
-    from vaekit.loggers.tensorboard import RunLogger  # deferred: bad input is refused before this import
-
-    # on resume, TensorBoard hides what an interrupted run logged after its last checkpoint
+    # on resume, each logger continues its record without what an interrupted run logged
+    # after its last checkpoint
     resumed_epoch = checkpoint["fit_state"]["epoch"] if checkpoint else None
-    logger = RunLogger(run_dir, purge_step=None if resumed_epoch is None else resumed_epoch + 1)
+    logger = make_logger(cfg, run_dir, resumed_epoch, saved_config(cfg))
+    try:
+        return fit_and_evaluate(cfg, run_dir, checkpoint, on_fit_start, built, flat, optimizer, logger)
+    except RunStopped:
+        raise  # metrics.json says why; the loggers are closed
+    except BaseException:
+        logger.close()  # a crash: each logger records the run as ended, not as still running
+        raise
+
+
+def fit_and_evaluate(
+    cfg: DictConfig,
+    run_dir: Path,
+    checkpoint: dict[str, Any] | None,
+    on_fit_start: Callable[[], None] | None,
+    built: Any,
+    flat: FlatParameters,
+    optimizer: torch.optim.Optimizer,
+    logger: Any,
+) -> dict[str, Any]:
+    """The second half of `train`: fit, then evaluate best.pt and write metrics.json."""
+    from vaekit.training.trainer import Diverged, Interrupted, Trainer
+
+    model, data, device = built.model, built.data, built.device
+    resumed_epoch = checkpoint["fit_state"]["epoch"] if checkpoint else None
     stop = StopRequest()
     trainer = Trainer(
         model,
@@ -135,6 +166,7 @@ def train(
         saved_config(cfg),
         stop,
         cfg.eval.batch_size,
+        schedule=build_schedule(cfg.get("scheduler")),
     )
     if checkpoint is not None:
         trainer.restore(checkpoint, Path(cfg.resume) / "last.pt")
@@ -147,6 +179,9 @@ def train(
         )
     if on_fit_start is not None:
         on_fit_start()
+    overfit = None
+    if cfg.trainer.overfit_check:  # measured before the first step and after the last
+        overfit = OverfitCheck(model, built.raw, device, cfg.eval.batch_size)
     try:
         with stop:
             state = trainer.fit()
@@ -163,12 +198,14 @@ def train(
         write_json(run_dir / "metrics.json", record)
         logger.close()
         raise RunStopped(str(diverged)) from None
+    overfit_fields = overfit.finish(state.epoch) if overfit is not None else {}  # before best.pt is loaded
     metrics = {
         **evaluate_best(model, data, run_dir, logger, state.best_epoch, cfg),
         **fit_fields(state, cfg, data),
+        **overfit_fields,
     }
     write_json(run_dir / "metrics.json", metrics)
-    logger.hparams(hparams_of(cfg), {k: metrics[k] for k in ("test_nelbo", "test_iw_nll", "test_bpd")})
+    logger.hparams(hparams_of(cfg), final_metrics(metrics))
     logger.close()
     return metrics
 
@@ -206,21 +243,46 @@ def evaluate_best(
     model: torch.nn.Module, data: DeviceData, run_dir: Path, logger: Any, best_epoch: int, cfg: DictConfig
 ) -> dict[str, Any]:
     """Load run_dir/best.pt into `model`, log its image grids and the test latent means
-    (TensorBoard Projector) at step `best_epoch`, and return its test metrics (`test_*`)."""
+    (TensorBoard Projector) at step `best_epoch`, and return its test metrics (`test_*`) and
+    the seconds each stage took (`seconds_after_training`: {stage: seconds}, also logged)."""
+    clock = StageClock()
     model.load_state_dict(load_checkpoint(run_dir / "best.pt", data.device)["model"])
+    clock.lap("load best.pt")
     e = cfg.eval
     metrics, means = evaluate_model(
         model, data.test, e.iw_samples, e.nelbo_samples, e.batch_size, e.seed, cfg.trainer.progress
     )
+    clock.lap("test metrics")
     if cfg.trainer.log_images:
         draw = cfg.trainer.images == "sample"
         logger.images(model, data.val, best_epoch, draw=draw)  # the grids of the model that is evaluated
+        clock.lap("image grids")
         for level, mean in means.items():
             tag = "latent_means" if len(means) == 1 else f"latent_means_{level}"
             logger.embedding(mean, data.test_labels, data.test, best_epoch, tag=tag)
+        clock.lap("projector")
     record = {f"test_{key}": metrics[key] for key in metrics if key not in ("active_units", "latent_dims")}
     record.update({f"test_active_units_{level}": n for level, n in metrics["active_units"].items()})
-    return record
+    log.info("after training: %s", clock.summary())
+    return {**record, "seconds_after_training": clock.laps}
+
+
+class StageClock:
+    """Seconds per named stage, measured one after another."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        """Close `stage`: the seconds since the previous lap."""
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self.last, 4)
+        self.last = now
+
+    def summary(self) -> str:
+        """'stage 1.23 s, stage 0.04 s'."""
+        return ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in self.laps.items())
 
 
 def summary_line(metrics: dict[str, Any], run_dir: Path) -> str:
@@ -257,15 +319,20 @@ def describe_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _report_failure(error: BaseException, started: float, record_to: Path | None) -> None:
-    """Print the one-sentence error; with `record_to`, that file says the run failed and why."""
+def record_failure(error: BaseException, started: float, record_to: Path | None) -> str:
+    """The one-sentence reason of a failure; with `record_to`, that file says the run failed and why."""
     reason = describe_failure(error)
     if record_to is not None:
         try:
             write_json(record_to, {"status": "failed", "reason": reason, "seconds": time.time() - started})
         except OSError:  # the disk that failed the run may refuse the record too: the message stays
             pass
-    print(f"vaekit: error: {reason}", file=sys.stderr, flush=True)
+    return reason
+
+
+def _report_failure(error: BaseException, started: float, record_to: Path | None) -> None:
+    """Print the one-sentence error; with `record_to`, that file says the run failed and why."""
+    print(f"vaekit: error: {record_failure(error, started, record_to)}", file=sys.stderr, flush=True)
 
 
 def refuse_finished_run(run_dir: Path) -> None:
@@ -300,6 +367,27 @@ def prepare_resume(cfg: DictConfig, hydra_cfg: Any) -> tuple[DictConfig, dict[st
     return cfg, checkpoint
 
 
+def train_job(cfg: DictConfig, hydra_cfg: Any, run_dir: Path, record: dict[str, Path]) -> dict[str, Any]:
+    """One `vaekit train` job, for the CLI and the Python API alike: lock run_dir, continue
+    cfg.resume (or refuse a directory that already holds a run), train; returns the metrics.
+
+    Once this process owns the run, record["to"] is the file a failure is to be written to.
+    """
+
+    def resume_started() -> None:  # from here on a failure is recorded beside the run's result
+        record["to"] = run_dir / RESUME_FAILURE
+
+    with RunLock(run_dir):
+        checkpoint, on_fit_start = None, None
+        if cfg.resume:  # refused until fitting starts: nothing of the run changes
+            cfg, checkpoint = prepare_resume(cfg, hydra_cfg)
+            on_fit_start = resume_started
+        else:
+            refuse_finished_run(run_dir)
+            record["to"] = run_dir / "metrics.json"
+        return train(cfg, run_dir, checkpoint, on_fit_start)
+
+
 register_schema()
 register_resolvers()
 
@@ -316,22 +404,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     started = time.time()
     record: dict[str, Path] = {}  # where a failure is written ("to"): nowhere until this process owns the run
-
-    def resume_started() -> None:  # from here on a failure is recorded beside the run's result
-        record["to"] = run_dir / RESUME_FAILURE
-
     try:
         if cfg.resume and multirun:
             raise VaekitError("resume continues one run at a time: drop -m/--multirun.")
-        with RunLock(run_dir):
-            checkpoint, on_fit_start = None, None
-            if cfg.resume:  # refused until fitting starts: nothing of the run changes
-                cfg, checkpoint = prepare_resume(cfg, hydra_cfg)
-                on_fit_start = resume_started
-            else:
-                refuse_finished_run(run_dir)
-                record["to"] = run_dir / "metrics.json"
-            metrics = train(cfg, run_dir, checkpoint, on_fit_start)
+        metrics = train_job(cfg, hydra_cfg, run_dir, record)
     except RunStopped as stopped:  # interrupted or diverged: metrics.json says so already
         print(f"vaekit: {stopped}", file=sys.stderr, flush=True)
         if not multirun or stopped.exit_code != 1:

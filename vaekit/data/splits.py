@@ -8,7 +8,7 @@ wrong header or a label file of another length fails in one sentence naming the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -115,3 +115,17 @@ def check_declared(raw: RawSplits, shape: Sequence[int] | None, num_levels: int 
             f"dataset.num_levels is {num_levels} but {raw.name} has {raw.num_levels} intensity levels."
         )
     return raw
+
+
+def first_examples(raw: RawSplits, limit_train: int | None, limit_eval: int | None) -> RawSplits:
+    """`raw` cut to its first `limit_train` training examples and first `limit_eval` examples
+    of val and of test (None: the whole split; a limit above a split's size keeps it whole).
+    The first examples, not a random draw: the same subset on every run and every device."""
+    if limit_train is None and limit_eval is None:
+        return raw
+    limits = {"train": limit_train, "val": limit_eval, "test": limit_eval}
+    parts = {}
+    for split, limit in limits.items():
+        parts[split] = raw.images(split)[:limit]  # a view: no copy of the kept examples
+        parts[f"{split}_labels"] = raw.labels(split)[:limit]
+    return replace(raw, **parts)

@@ -1,5 +1,6 @@
-"""Evaluation metrics: NELBO and its terms, importance-weighted NLL, bits/dim, active units,
-and `evaluate_model`, which computes them all for one split."""
+"""Evaluation metrics: the validation NELBO and its terms, bits/dim, active units, and
+`evaluate_model`, which computes every test metric of one split (the IW-NLL and the test
+NELBO in one pass, `vaekit.evaluation.importance`)."""
 
 from __future__ import annotations
 
@@ -9,80 +10,43 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from vaekit.data import batches
 from vaekit.errors import VaekitError
+from vaekit.evaluation.importance import importance_estimates
 from vaekit.latents import posterior_means
 
 
 @torch.no_grad()
-def nelbo_terms(model: nn.Module, x: Tensor, batch_size: int, samples: int = 1) -> dict[str, float]:
-    """Mean per-example NELBO, rec and KL (total and per level, `kl/<level>`) over x, nats.
-
-    Each example's terms are averaged over `samples` independent draws z ~ q(z|x): the
-    single-draw estimate is unbiased but noisy, and that noise shrinks as 1/sqrt(samples)
-    (README's results section gives its size on digits).
-    """
+def nelbo_terms(model: nn.Module, x: Tensor, batch_size: int) -> dict[str, float]:
+    """Mean per-example NELBO, rec and KL (total and per level, `kl/<level>`) over x, nats:
+    one draw z ~ q(z|x) per example and the KL as training computes it (analytic where it
+    exists). The validation signal; the test NELBO comes from `importance_estimates`."""
     totals: dict[str, Tensor] = {}
-    for _ in range(samples):
-        for xb in batches(x, batch_size):
-            elbo = model(xb)
-            terms = {"nelbo": elbo.nelbo, "rec": elbo.rec, "kl": elbo.kl}
-            terms.update({f"kl/{name}": kl for name, kl in elbo.kl_per_level.items()})
-            for name, value in terms.items():
-                totals[name] = totals.get(name, 0.0) + value.sum()
-    stacked = torch.stack(list(totals.values())).div_(x.shape[0] * samples).tolist()  # one host sync
+    for xb in batches(x, batch_size):
+        elbo = model(xb)
+        terms = {"nelbo": elbo.nelbo, "rec": elbo.rec, "kl": elbo.kl}
+        terms.update({f"kl/{name}": kl for name, kl in elbo.kl_per_level.items()})
+        for name, value in terms.items():
+            totals[name] = totals.get(name, 0.0) + value.sum()
+    stacked = torch.stack(list(totals.values())).div_(x.shape[0]).tolist()  # one host sync
     return dict(zip(totals.keys(), stacked, strict=True))
 
 
-K_CHUNK = 100  # importance samples per model.log_likelihood call: the progress bar's step
 # Most (example, z) pairs one evaluation may take: IW-NLL with k = 5000 on 10,000 MNIST test
 # images is 5e7; 1e10 is hours of decoder calls even on a GPU.
 MAX_EVALUATIONS = 10**10
 
 
-def check_budget(num_examples: int, draws: int, option: str) -> None:
+def check_budget(num_examples: int, draws: int | None, option: str) -> None:
     """Refuse, with the estimate, an evaluation of more than MAX_EVALUATIONS (x, z) pairs."""
-    total = num_examples * draws
+    total = num_examples * (draws or 0)
     if total > MAX_EVALUATIONS:
         raise VaekitError(
             f"{option}={draws} would evaluate the model on {num_examples} x {draws} = {total:.2g} "
             f"(x, z) pairs, more than the {MAX_EVALUATIONS:.0e} that vaekit runs in one evaluation: "
             f"lower {option}."
         )
-
-
-@torch.no_grad()
-def iw_nll(model: nn.Module, x: Tensor, k: int, batch_size: int, progress: bool = True) -> float:
-    """Mean importance-weighted negative log-likelihood with k samples, nats per example.
-
-    -log p(x) <= NELBO in expectation for every k >= 1 and approaches -log p(x) as k grows
-    (Burda et al., 2016). Examples go in batches and samples in chunks of K_CHUNK; chunks
-    combine exactly, log p(x) ~= logsumexp_c [ll_c + log k_c] - log k, where ll_c is the
-    model's k_c-sample estimate (`log_likelihood(x, k_c)`, itself chunked so memory stays
-    bounded). The progress bar shows on a terminal only.
-    """
-    check_budget(x.shape[0], k, "k")
-    total = torch.zeros((), device=x.device, dtype=torch.float64)
-    bar = tqdm(
-        total=x.shape[0] * k,
-        desc=f"IW-NLL (k={k})",
-        unit="sample",
-        unit_scale=True,
-        disable=None if progress else True,  # None: shown on a terminal only
-        leave=False,
-    )
-    with bar:
-        for xb in batches(x, batch_size):
-            log_sum = None  # running logsumexp over the chunks: memory stays one (B,) tensor
-            for start in range(0, k, K_CHUNK):
-                size = min(K_CHUNK, k - start)
-                part = model.log_likelihood(xb, size).double() + math.log(size)  # (B,)
-                log_sum = part if log_sum is None else torch.logaddexp(log_sum, part)
-                bar.update(xb.shape[0] * size)
-            total += (log_sum - math.log(k)).sum()
-    return -total.item() / x.shape[0]
 
 
 def bits_per_dim(nll_nats: float, num_dims: int) -> float:
@@ -112,31 +76,33 @@ def evaluate_model(
     model: nn.Module,
     x: Tensor,
     iw_samples: int,
-    nelbo_samples: int,
+    nelbo_samples: int | None,
     batch_size: int,
     seed: int,
     progress: bool = True,
+    chunk_elements: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Every metric of `model` (eval mode) on one split x (N, *shape), and the posterior means.
 
     Returns ({nelbo, rec, kl, kl_<level>, iw_nll, bpd, nelbo_bpd, active_units: {level: n},
-    latent_dims: {level: L}}, {level: (N, L) posterior means}). Each stage is seeded with
-    `seed` on its own, so the same seed gives the same numbers, and changing k leaves the
-    NELBO unchanged: `vaekit evaluate` and the end of `vaekit train` agree.
+    latent_dims: {level: L}}, {level: (N, L) posterior means}). The IW-NLL (iw_samples draws)
+    and the NELBO with its terms (the first nelbo_samples of those draws; None: all of them)
+    come from one pass (`importance_estimates`). Each stage is seeded with `seed` on its own,
+    so the same seed gives the same numbers: `vaekit evaluate` and the end of `vaekit train`
+    agree. batch_size: examples per pass of the posterior means.
     """
     model.eval()
     num_dims = math.prod(x.shape[1:])
     torch.manual_seed(seed)
-    terms = nelbo_terms(model, x, batch_size, nelbo_samples)
-    torch.manual_seed(seed)
-    nll = iw_nll(model, x, iw_samples, batch_size, progress)
+    estimates = importance_estimates(model, x, iw_samples, nelbo_samples, chunk_elements, progress)
     torch.manual_seed(seed)
     means = posterior_means(model, x, batch_size)
-    metrics: dict[str, Any] = {name.replace("/", "_"): value for name, value in terms.items()}
+    nll = estimates["iw_nll"]
+    metrics: dict[str, Any] = {name.replace("/", "_"): v for name, v in estimates.items() if name != "iw_nll"}
     metrics.update(
         iw_nll=nll,
         bpd=bits_per_dim(nll, num_dims),
-        nelbo_bpd=bits_per_dim(terms["nelbo"], num_dims),
+        nelbo_bpd=bits_per_dim(estimates["nelbo"], num_dims),
         active_units=active_units(means),
         latent_dims={level: int(mean.shape[1]) for level, mean in means.items()},
     )

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from vaekit.loggers.grid import image_grid
-from vaekit.rng import own_rng
+from vaekit.loggers.base import Logger
 
 # TensorBoard's CUSTOM SCALARS tab: what a user compares, on one chart each (tags are regexes).
 LAYOUT = {
@@ -22,8 +21,8 @@ LAYOUT = {
 }
 
 
-class RunLogger:
-    """A SummaryWriter writing event files into `<run_dir>/tb`."""
+class RunLogger(Logger):
+    """`logger=tensorboard`: a SummaryWriter writing event files into `<run_dir>/tb`."""
 
     def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
         # purge_step: events at or after this step from an earlier, interrupted writer are
@@ -36,23 +35,10 @@ class RunLogger:
         for name, value in values.items():
             self.writer.add_scalar(f"{prefix}/{name}", value, step)
 
-    @torch.no_grad()
-    def images(self, model: nn.Module, x: Tensor, step: int, num: int = 64, draw: bool = False) -> None:
-        """Grids of samples, and of data beside reconstruction (pairs along each row): the
-        means of p(x|z), or with `draw` samples from it.
-
-        Their draws leave the global RNG streams as they were, so logging images never
-        changes the noise that training sees."""
-        if len(x.shape) != 4:  # only image-shaped data (N, C, H, W)
-            return
-        was_training = model.training
-        model.eval()
-        with own_rng(x.device):
-            self.writer.add_image("samples", image_grid(model.sample(num, draw=draw)), step)
-            x = x[: num // 2]
-            pairs = torch.stack([x, model.reconstruct(x, draw=draw)], dim=1).flatten(0, 1)
-            self.writer.add_image("reconstructions", image_grid(pairs), step)
-        model.train(was_training)
+    def grids(self, grids: dict[str, Tensor], step: int) -> None:
+        """Each grid as an image tagged with its name (samples, reconstructions)."""
+        for name, grid in grids.items():
+            self.writer.add_image(name, grid, step)
 
     @torch.no_grad()
     def embedding(

@@ -18,6 +18,10 @@ from vaekit.training.checkpoint import check_weights, load_checkpoint
 RESUMABLE_KEYS = frozenset(
     {
         "trainer.max_epochs",
+        "logger",  # where the rest of the run is recorded
+        "loggers.mlflow.tracking_uri",
+        "loggers.mlflow.experiment",
+        "loggers.mlflow.log_checkpoint",
         "trainer.patience",
         "trainer.progress",
         "trainer.num_threads",

@@ -5,6 +5,7 @@ roll-back on divergence, exact resumption, logging.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -16,15 +17,23 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vaekit.data import DeviceData
 from vaekit.errors import VaekitError
 from vaekit.evaluation.metrics import nelbo_terms
 from vaekit.rng import own_rng
 from vaekit.schema import TrainerConfig
+from vaekit.syncs import checks_are_free
 from vaekit.training import rng_state
 from vaekit.training.checkpoint import CHECKPOINT_FORMAT, load_weights, save_atomic
+from vaekit.training.ema import EMA
+from vaekit.training.epoch_log import EpochLog, epoch_line
 from vaekit.training.flatten import FlatParameters
+from vaekit.training.guard import StepGuard
+from vaekit.training.optimizers import FlatOptimizer
+from vaekit.training.profiling import StepProfiler
+from vaekit.training.schedule import Schedule, check_schedule_state
 from vaekit.training.signals import StopRequest
 
 if TYPE_CHECKING:  # the TensorBoard writer is imported by whoever makes the logger
@@ -77,7 +86,8 @@ class Trainer:
     """Fits `model` on `data` with `optimizer`; writes checkpoints and logs into run_dir.
 
     `stop` is the request that SIGINT/SIGTERM set; `config` (plain data) is saved in every
-    checkpoint.
+    checkpoint. `schedule` sets the lr each epoch (default: the optimizer's lr, constant);
+    with settings.ema the EMA weights are the ones validated, checkpointed as "model" and tested.
     """
 
     def __init__(
@@ -92,6 +102,7 @@ class Trainer:
         config: dict[str, Any],
         stop: StopRequest,
         eval_batch_size: int,
+        schedule: Schedule | None = None,
     ) -> None:
         self.model = model
         self.flat = flat
@@ -109,6 +120,13 @@ class Trainer:
         self.forward = torch.compile(model) if settings.compile else model
         self.last_image_epoch = -math.inf
         self.good_state: dict[str, Any] | None = None
+        self.schedule = schedule if schedule is not None else Schedule()
+        self.schedule.attach(optimizer)
+        self.ema = EMA(flat, settings.ema) if settings.ema is not None else None
+        self.profiler = StepProfiler(settings.profile_steps, run_dir / "profile", data.device)
+        self.epoch_log = EpochLog()
+        self.guard = StepGuard(settings.max_nonfinite_steps, sync_free=False, device=data.device)
+        self.lr = float(optimizer.param_groups[0]["lr"])  # the lr of the current epoch
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> FitState:
@@ -122,35 +140,58 @@ class Trainer:
         bar = tqdm(
             total=s.max_epochs, initial=self.state.epoch, desc="train", unit="epoch", disable=not s.progress
         )
+        # log lines on the console go through tqdm.write, so they do not break the bar
+        console = logging_redirect_tqdm() if s.progress else contextlib.nullcontext()
+        self.profiler.start()
         try:
-            while self._should_continue():
-                start = time.perf_counter()
-                try:
-                    train_terms = self._train_epoch()
-                except _RollBack:
-                    self._roll_back()
-                    continue
-                val_terms = self._validate()
-                improved = self._update_early_stopping(val_terms["nelbo"], self.state.epoch)
-                self._log_epoch(self.state.epoch, train_terms, val_terms, improved)
-                self.state.train_seconds += time.perf_counter() - start
-                snapshot = self._save_last(also_best=improved)
-                if math.isfinite(val_terms["nelbo"]):
-                    self.good_state = snapshot
-                bar.update(1)
-                bar.set_postfix(val=f"{val_terms['nelbo']:.2f}", best=f"{self.state.best_val:.2f}")
+            with console:
+                while self._should_continue():
+                    start = time.perf_counter()
+                    try:
+                        train_terms = self._train_epoch()
+                    except _RollBack:
+                        self._roll_back()
+                        continue
+                    val_terms = self._validate()
+                    improved = self._update_early_stopping(val_terms["nelbo"], self.state.epoch)
+                    self.schedule.observe(self.state.epoch, val_terms["nelbo"])
+                    self._log_epoch(self.state.epoch, train_terms, val_terms, improved, start)
+                    self.state.train_seconds += time.perf_counter() - start
+                    snapshot = self._save_last(also_best=improved)
+                    if math.isfinite(val_terms["nelbo"]):
+                        self.good_state = snapshot
+                    bar.update(1)
+                    bar.set_postfix(val=f"{val_terms['nelbo']:.2f}", best=f"{self.state.best_val:.2f}")
         finally:
             bar.close()
+            self.profiler.close()
+        if self.state.status == "early_stopped":
+            st = self.state
+            log.info(
+                "early stopping after epoch %d: no validation improvement for %d epochs; best epoch %d "
+                "(val NELBO %.2f)",
+                st.epoch,
+                st.epochs_since_best,
+                st.best_epoch,
+                st.best_val,
+            )
         return self.state
 
     def _should_continue(self) -> bool:
         """False once early stopping or max_epochs says so (also right after a resume)."""
+        reason = self._stop_reason()
+        if reason is not None:
+            self.state.status = reason
+        return self.state.status == "running"
+
+    def _stop_reason(self) -> str | None:
+        """early_stopped or finished when the epochs done so far end the run, else None."""
         st = self.state
         if st.epochs_since_best >= self.settings.patience and st.best_epoch > 0:
-            st.status = "early_stopped"
-        elif st.epoch >= self.settings.max_epochs:
-            st.status = "finished"
-        return st.status == "running"
+            return "early_stopped"
+        if st.epoch >= self.settings.max_epochs:
+            return "finished"
+        return None
 
     def beta(self) -> float:
         """KL weight of the current epoch: rises linearly from 1/W to 1 over W warm-up epochs."""
@@ -160,7 +201,9 @@ class Trainer:
     def _train_epoch(self) -> dict[str, float]:
         """One pass over a permutation (continuing a resumed one); mean train terms per example."""
         self.model.train()
+        self._choose_guard_path()
         beta, free_bits, bs = self.beta(), self.settings.free_bits, self.settings.batch_size
+        self.lr = self.schedule.apply(self.optimizer, self.state.epoch)  # also on a resumed epoch
         if self.progress is None:
             self.progress = EpochProgress(perm=self.data.permutation(self.generator))
         p = self.progress
@@ -170,37 +213,63 @@ class Trainer:
             loss = elbo.loss.mean()
             self.flat.zero_grad()
             loss.backward()
-            if self._finite_step(loss):
-                self.optimizer.step()
-                terms = [elbo.nelbo, elbo.rec, elbo.kl, *elbo.kl_per_level.values()]
-                batch_sums = torch.stack([t.detach().sum() for t in terms])
-                p.sums = batch_sums if p.sums is None else p.sums + batch_sums
-                p.names = p.names or ("nelbo", "rec", "kl", *(f"kl/{k}" for k in elbo.kl_per_level))
-                p.count += x.shape[0]
+            ok = self._finite_step(loss)
+            if ok is not False:  # True, or the device's flag of a masked step
+                self.optimizer.step() if ok is True else self.optimizer.step(ok=ok)
+                if self.ema is not None:
+                    self.ema.update(None if ok is True else ok)
+                self._add_terms(p, elbo, x.shape[0], ok)
             p.step = step + 1
+            self.profiler.step()
+            if self.guard.must_roll_back:
+                raise _RollBack
             if self.stop.requested:
                 self._interrupt()
+        self._read_guard()
+        if self.guard.must_roll_back:
+            raise _RollBack
         self.progress = None
         self.state.epoch += 1
         if p.sums is None:
             return {}
-        means = (p.sums / p.count).tolist()  # the epoch's one host sync
-        return dict(zip(p.names, means, strict=True))
+        *sums, count = torch.cat([p.sums, torch.as_tensor(p.count, device=p.sums.device).view(1)]).tolist()
+        if count == 0:  # the epoch's one host sync, above
+            return {}
+        return {name: total / count for name, total in zip(p.names, sums, strict=True)}
 
-    def _finite_step(self, loss: Tensor) -> bool:
-        """Clip the gradient if asked; False (step skipped) when loss or gradient is not finite."""
+    def _choose_guard_path(self) -> None:
+        """Sync-free steps where reading a flag would stall the device (and the optimizer can
+        take a masked step); reading at once where that is free (the CPU)."""
+        sync_free = not checks_are_free(self.flat.param) and isinstance(self.optimizer, FlatOptimizer)
+        if sync_free != self.guard.sync_free:
+            self.guard.poll()
+            self.guard.sync_free = sync_free
+
+    def _finite_step(self, loss: Tensor) -> bool | Tensor:
+        """Clip the gradient if asked; whether the step may be taken (`StepGuard.check`): a bool,
+        or on the sync-free path a flag on the device for a masked step."""
         if self.settings.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_([self.flat.param], self.settings.grad_clip)
         else:
             norm = self.flat.grad_norm()
-        if bool(torch.isfinite(loss.detach() + norm)):
-            self.state.nonfinite_in_a_row = 0
-            return True
-        self.state.nonfinite_in_a_row += 1
-        self.state.nonfinite_total += 1
-        if self.state.nonfinite_in_a_row >= self.settings.max_nonfinite_steps:
-            raise _RollBack
-        return False
+        return self.guard.check(loss, norm)
+
+    @staticmethod
+    def _add_terms(p: EpochProgress, elbo: Any, batch: int, ok: bool | Tensor) -> None:
+        """Add a taken step's per-example sums to the epoch's (masked by the device flag)."""
+        terms = [elbo.nelbo, elbo.rec, elbo.kl, *elbo.kl_per_level.values()]
+        batch_sums = torch.stack([t.detach().sum() for t in terms])
+        if ok is not True:
+            batch_sums = torch.where(ok, batch_sums, 0.0)
+            batch = ok.to(torch.int64) * batch
+        p.sums = batch_sums if p.sums is None else p.sums + batch_sums
+        p.names = p.names or ("nelbo", "rec", "kl", *(f"kl/{k}" for k in elbo.kl_per_level))
+        p.count = p.count + batch
+
+    def _read_guard(self) -> None:
+        """The guard's counters into the fit state (one sync on the sync-free path)."""
+        self.guard.poll()
+        self.state.nonfinite_in_a_row, self.state.nonfinite_total = self.guard.in_a_row, self.guard.total
 
     def _validate(self) -> dict[str, float]:
         """Validation NELBO with the same noise every epoch (common random numbers).
@@ -209,9 +278,14 @@ class Trainer:
         to a lucky draw; forking the RNG keeps validation from shifting the training stream.
         """
         self.model.eval()
-        with own_rng(self.data.device):
+        with own_rng(self.data.device), self.evaluated_weights():
             torch.manual_seed(VALIDATION_SEED)
             return nelbo_terms(self.model, self.data.val, self.eval_batch_size)
+
+    def evaluated_weights(self) -> contextlib.AbstractContextManager[None]:
+        """Inside it the model holds the weights that are validated and saved as "model": the
+        EMA weights with trainer.ema, else its own."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def _update_early_stopping(self, val_nelbo: float, epoch: int) -> bool:
         """Record the epoch's validation NELBO; True when it improved (best.pt is due)."""
@@ -236,15 +310,15 @@ class Trainer:
                 f"try a lower optimizer.lr or set trainer.grad_clip."
             )
         good = self.good_state
-        lrs = [group["lr"] * self.settings.rollback_lr_factor for group in self.optimizer.param_groups]
-        self.model.load_state_dict(good["model"])
+        self._load_model(good, self.run_dir / "last.pt")
         self.optimizer.load_state_dict(good["optimizer"])  # this also restores the old lr...
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr  # ...so the lowered one is set afterwards
+        # ...which the schedule replaces: its lowered base times the factor of this epoch
+        self.schedule.scale_base(self.settings.rollback_lr_factor)
+        lr = self.schedule.apply(self.optimizer, st.epoch)
         st.rollbacks += 1
+        self.guard.rolled_back()
         st.nonfinite_in_a_row = 0
         self.progress = None  # the abandoned epoch starts afresh (its number is reused)
-        lr = self.optimizer.param_groups[0]["lr"]
         log.warning(
             "non-finite loss or gradient for %d steps in a row at epoch %d: rolled back to the "
             "state of epoch %d, learning rate now %.3g (roll-back %d of at most %d)",
@@ -267,16 +341,24 @@ class Trainer:
         )
 
     # --------------------------------------------------------------- logging
-    def _log_epoch(self, epoch: int, train: dict[str, float], val: dict[str, float], improved: bool) -> None:
-        self.logger.scalars("train", train, epoch)
+    def _log_epoch(
+        self, epoch: int, train: dict[str, float], val: dict[str, float], improved: bool, start: float
+    ) -> None:
+        """TensorBoard's scalars (train/lr among them) and grids, and the epoch's train.log line."""
+        self.logger.scalars("train", {**train, "lr": self.lr}, epoch)
         self.logger.scalars("val", val, epoch)
         due = epoch - self.last_image_epoch >= self.settings.image_every
         if improved and due and self.settings.log_images:
             self.log_images(epoch)
+        seconds = time.perf_counter() - start
+        line = epoch_line(epoch, self.settings.max_epochs, train, val, self.lr, seconds, improved)
+        self.epoch_log.write(line, epoch, improved, last=self._stop_reason() is not None)
 
     def log_images(self, step: int) -> None:
-        """Sample and reconstruction grids of the model as it is now, tagged with `step`."""
-        self.logger.images(self.model, self.data.val, step, draw=self.settings.images == "sample")
+        """Sample and reconstruction grids of the evaluated weights (the EMA's with trainer.ema),
+        tagged with `step`."""
+        with self.evaluated_weights():
+            self.logger.images(self.model, self.data.val, step, draw=self.settings.images == "sample")
         self.last_image_epoch = step
 
     # ----------------------------------------------------------- checkpoints
@@ -286,10 +368,17 @@ class Trainer:
         of the data splits. Tensors are copies on the CPU, so the file loads on any machine."""
         progress = None
         if self.progress is not None:
+            self._read_guard()
             progress = {**asdict(self.progress), "names": list(self.progress.names)}
+            progress["count"] = int(progress["count"])  # a device tensor on the sync-free path
+        raw_model = on_cpu(self.model.state_dict())
+        with self.evaluated_weights():
+            model = raw_model if self.ema is None else on_cpu(self.model.state_dict())
         return {
             "format": CHECKPOINT_FORMAT,
-            "model": on_cpu(self.model.state_dict()),
+            "model": model,  # the weights that are evaluated: the EMA's with trainer.ema
+            "raw_model": raw_model if self.ema is not None else None,  # the optimizer's, with EMA
+            "schedule": self.schedule.state_dict(),
             "optimizer": on_cpu(self.optimizer.state_dict()),
             "fit_state": asdict(self.state),
             "epoch_progress": on_cpu(progress),
@@ -301,15 +390,20 @@ class Trainer:
     def restore(self, checkpoint: dict[str, Any], path: Path) -> None:
         """Continue from a checkpoint of this trainer (read from `path`, and checked by
         `check_resumable`): the exact state it was saved in."""
-        load_weights(self.model, checkpoint["model"], path)
+        self._load_model(checkpoint, path)
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         except (ValueError, KeyError, TypeError, RuntimeError) as error:
             raise VaekitError(
                 f"{path} holds an optimizer state that does not fit this model ({error})."
             ) from error
+        if checkpoint.get("schedule") is not None:
+            self.schedule.load_state_dict(checkpoint["schedule"])
+        else:  # saved before schedules: the restored lr (after any roll-backs) is the base
+            self.schedule.attach(self.optimizer)
         known = {f.name for f in fields(FitState)}
         self.state = FitState(**{k: v for k, v in checkpoint["fit_state"].items() if k in known})
+        self.guard.load(self.state.nonfinite_in_a_row, self.state.nonfinite_total)
         progress = checkpoint.get("epoch_progress")
         if progress is not None:
             progress = {**progress, "names": tuple(progress["names"])}
@@ -320,6 +414,14 @@ class Trainer:
         position = (self.state.epoch, self.progress.step if self.progress is not None else 0)
         rng_state.restore(checkpoint["rng"], self.generator, self.data.device, self.settings.seed, position)
         self.last_image_epoch = self.state.epoch
+
+    def _load_model(self, checkpoint: dict[str, Any], path: Path) -> None:
+        """The checkpoint's weights: "model", and with trainer.ema that is the average, which
+        "raw_model" (the optimizer's weights) then follows into the model."""
+        load_weights(self.model, checkpoint["model"], path)
+        if self.ema is not None:
+            self.ema.reset()
+            load_weights(self.model, checkpoint["raw_model"], path)
 
     def _save_last(self, also_best: bool) -> dict[str, Any]:
         """last.pt every epoch; on improvement the same file is published as best.pt.
@@ -359,6 +461,18 @@ def check_resumable(checkpoint: dict[str, Any], path: Path) -> None:
     rng_problem = rng_state.check_rng(rng)
     if rng_problem is not None:
         refuse(rng_problem)
+    config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+    scheduler, trainer = config.get("scheduler"), config.get("trainer")
+    if checkpoint.get("schedule") is not None:  # absent in checkpoints from before schedules
+        name = scheduler.get("name") if isinstance(scheduler, dict) else "none"
+        schedule_problem = check_schedule_state(checkpoint["schedule"], name)
+        if schedule_problem is not None:
+            refuse(schedule_problem)
+    raw_model = checkpoint.get("raw_model")
+    if isinstance(trainer, dict) and trainer.get("ema") is not None and not (
+        isinstance(raw_model, dict) and all(isinstance(t, Tensor) for t in raw_model.values())
+    ):
+        refuse("it was trained with trainer.ema but holds no raw_model weights")
     progress = checkpoint.get("epoch_progress")
     if progress is None:
         return
