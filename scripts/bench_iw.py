@@ -2,7 +2,8 @@
 
 The floor is the matmul/conv FLOPs that the pass must do (encoder and decoder for every
 (x, z) pair, counted by torch's FlopCounterMode on one call and scaled), divided by the
-matmul throughput this machine measures now (a large square matmul, best of 3). The pass
+matmul throughput this machine measures (a large square matmul, best of 3, before and after the
+pass; the floor uses the faster, so it is the lower bound). The pass
 itself gives the IW-NLL and the NELBO with its terms (vaekit.evaluation.importance).
 
     python scripts/bench_iw.py                       # digits, default model, k = 1000
@@ -50,22 +51,29 @@ def compose_run(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
-def bench(name: str, overrides: list[str], k: int, chunks: list[int | None], throughput: float) -> None:
+def bench(name: str, overrides: list[str], k: int, chunks: list[int | None]) -> None:
     built = build(compose_run(overrides), torch.device("cpu"))
     model, x = built.model.eval(), built.data.test
     pairs = x.shape[0] * k
-    floor = flops_per_pair(model, x) * pairs / throughput
-    print(f"{name}: {x.shape[0]} examples x k={k} = {pairs:.3g} pairs, floor {floor:.2f} s")
+    flops = flops_per_pair(model, x) * pairs
+    timings = []
+    before = matmul_throughput()
     for chunk in chunks:
         torch.manual_seed(0)
         start = time.perf_counter()
         result = importance_estimates(model, x, k, chunk_elements=chunk, progress=False)
-        seconds = time.perf_counter() - start
-        size = chunk or default_chunk_elements(x.device)
+        timings.append((chunk or default_chunk_elements(x.device), time.perf_counter() - start, result))
+    throughput = max(before, matmul_throughput())
+    floor = flops / throughput
+    print(
+        f"{name}: {x.shape[0]} examples x k={k} = {pairs:.3g} pairs, {flops / 1e9:.0f} GFLOP; matmul "
+        f"{before / 1e9:.0f} GFLOP/s before, {throughput / 1e9:.0f} best ({torch.get_num_threads()} "
+        f"threads): floor {floor:.2f} s"
+    )
+    for size, seconds, result in timings:
         print(
             f"  decoder outputs per call 2**{size.bit_length() - 1}: {seconds:.2f} s = "
-            f"{seconds / floor:.2f}x floor (IW-NLL {result['iw_nll']:.2f}, NELBO {result['nelbo']:.2f})",
-            flush=True,
+            f"{seconds / floor:.2f}x floor (IW-NLL {result['iw_nll']:.2f}, NELBO {result['nelbo']:.2f})"
         )
 
 
@@ -75,15 +83,12 @@ def main() -> None:
     parser.add_argument("--chunks", action="store_true", help="compare decoder outputs per call")
     parser.add_argument("--mnist", type=Path, help="the folder holding MNIST/raw: bench MNIST instead")
     args = parser.parse_args()
-    throughput = matmul_throughput()
-    print(f"matmul throughput {throughput / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     chunks = [2**20, 2**22, 2**24] if args.chunks else [None]
     if args.mnist:
         overrides = ["dataset=mnist", f"dataset.root={args.mnist}", "model.latent_dim=40"]
-        bench("MNIST MLP, latent 40 (untrained)", overrides, args.k, chunks, throughput)
+        bench("MNIST MLP, latent 40 (untrained)", overrides, args.k, chunks)
     else:
-        bench("digits, default model (untrained)", [], args.k, chunks, throughput)
-    print(f"matmul throughput after: {matmul_throughput() / 1e9:.1f} GFLOP/s")
+        bench("digits, default model (untrained)", [], args.k, chunks)
 
 
 if __name__ == "__main__":

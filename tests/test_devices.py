@@ -222,3 +222,45 @@ def test_deterministic_mode_sets_what_repeatable_gpu_runs_need(monkeypatch: pyte
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[4], saved[5]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_steps_on_a_gpu_never_wait_for_the_host(tmp_path: Path):
+    """torch.cuda.set_sync_debug_mode("error") raises at any host sync: the steps of an epoch
+    run inside it; only the guard's read and the epoch's means at its end may sync."""
+    from vaekit.build import instantiate_group
+    from vaekit.loggers.tensorboard import RunLogger
+    from vaekit.training.flatten import FlatParameters
+    from vaekit.training.signals import StopRequest
+    from vaekit.training.trainer import EpochProgress, Trainer
+
+    cfg = compose_train("trainer.log_images=false")
+    torch.manual_seed(0)
+    built = build(cfg, torch.device("cuda"))
+    flat = FlatParameters(built.model)
+    optimizer = instantiate_group(cfg.optimizer, "optimizer", params=[flat.param])
+    trainer = Trainer(
+        built.model, flat, optimizer, built.data, cfg.trainer, tmp_path, RunLogger(tmp_path), {},
+        StopRequest(), 1000,
+    )  # fmt: skip
+    trainer.progress = EpochProgress(perm=built.data.permutation(trainer.generator))  # made before
+    reads = []
+    read_guard, epoch_means = trainer._read_guard, trainer._epoch_means
+
+    def allowed(read):
+        def call(*args):
+            torch.cuda.set_sync_debug_mode("default")
+            reads.append(read.__name__)
+            return read(*args)
+
+        return call
+
+    trainer._read_guard, trainer._epoch_means = allowed(read_guard), allowed(epoch_means)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        terms = trainer._train_epoch()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.guard.sync_free and reads == ["_read_guard", "_epoch_means"]
+    assert math.isfinite(terms["nelbo"])

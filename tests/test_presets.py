@@ -5,7 +5,6 @@ for a misspelled preset or missing data."""
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from vaekit.data.memory import split_checksum
 from vaekit.data.splits import first_examples
 from vaekit.errors import VaekitError
 from vaekit.overfit import OverfitCheck
+from vaekit.runs import load_run
 
 EXPERIMENTS = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
 DEBUG_PRESETS = sorted(path.stem for path in (CONFIG_DIR / "debug").glob("*.yaml"))
@@ -221,8 +221,8 @@ def test_an_mnist_preset_without_its_files_says_which_files_where(tmp_path: Path
 @pytest.mark.skipif(not (MNIST_DATA / "MNIST" / "raw").is_dir(), reason="no MNIST under ../shared/data")
 def test_debug_fast_on_the_real_mnist(tmp_path: Path):
     cfg = compose_train("dataset=mnist", f"dataset.root={MNIST_DATA}", "+debug=fast")
-    started = time.perf_counter()
-    metrics = train(cfg, tmp_path)
+    metrics = train(cfg, tmp_path)  # about a second here; README gives the whole command's time
     assert metrics["epochs"] == 2 and metrics["status"] == "finished"
     assert 80 < metrics["test_iw_nll"] < 300  # 2 epochs on 2000 images: far from trained
-    assert time.perf_counter() - started < 20  # in-process; README gives the whole command's time
+    run = load_run(tmp_path, "cpu")
+    assert run.raw.train.shape[0] == 2000 and run.data.val.shape[0] == run.data.test.shape[0] == 500

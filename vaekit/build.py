@@ -162,6 +162,11 @@ def check_settings(cfg: DictConfig) -> None:
             f"trainer.ema must be a decay in (0, 1), e.g. 0.999 (or null: off), not {t.ema}.",
         ),
         (t.profile_steps >= 0, f"trainer.profile_steps must be 0 or more, not {t.profile_steps}."),
+        (t.devices >= 1, f"trainer.devices must be at least 1, not {t.devices}."),
+        (
+            t.precision in ("32", "bf16-mixed", "16-mixed"),
+            f"trainer.precision must be 32, bf16-mixed or 16-mixed, not {t.precision}.",
+        ),
     ]
     for ok, message in rules:
         if not ok:

@@ -159,7 +159,8 @@ def _report_parser() -> argparse.ArgumentParser:
             "sorted by test IW-NLL; with --baseline, each group's paired difference (same seed) with a "
             "95% t-interval. Then every run's overrides, status and metrics. Writes DIR/report.csv "
             "(one row per run) and DIR/report_curves.png (each group's validation NELBO, +- one "
-            "standard error). Failed and unfinished runs are named, never averaged in."
+            "standard error). Failed and unfinished runs are named, never averaged in. For an Optuna "
+            "sweep, its trials come first: parameters, status and the validation NELBO searched on."
         ),
     )
     parser.add_argument("dir", type=Path, metavar="DIR", help="a folder holding runs")
@@ -272,11 +273,15 @@ def main(argv: list[str] | None = None) -> None:
         run_tool(command, rest)
         return
     from vaekit.commands import train  # deferred: imports torch and Hydra
+    from vaekit.commands.plugins import check_plugins
     from vaekit.errors import VaekitError
     from vaekit.presets import check_presets
+    from vaekit.training import distributed
 
     try:
         check_presets(rest, train.CONFIG_DIR)  # a misspelled +experiment= or +debug=: one sentence
+        check_plugins(rest, train.CONFIG_DIR)  # an unknown launcher or sweeper, or one not installed
+        rest = distributed.prepare_argv(rest)  # under torchrun: one run directory, written by rank 0
     except VaekitError as error:
         print(f"vaekit: error: {error}", file=sys.stderr)
         sys.exit(1)

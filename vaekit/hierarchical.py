@@ -31,8 +31,10 @@ from vaekit.models import (
     make_elbo,
     shown,
 )
+from vaekit.net_precision import run_net
 from vaekit.posteriors import Posterior, diagonal_normal
 from vaekit.priors import Prior
+from vaekit.shards import standard_normal
 
 # Log-variances produced by the model are soft-clamped to (-LOG_VAR_BOUND, LOG_VAR_BOUND):
 # a scale between e^-5 and e^5, so one bad step cannot send a KL term to infinity.
@@ -133,7 +135,7 @@ class HierarchicalVAE(nn.Module):
 
     def p_x(self, z1: Tensor) -> Distribution:
         """p(x|z_1) for z_1 (M, L_1): batch (M,), event = data shape."""
-        return self.likelihood(self.decoder(z1))
+        return self.likelihood(run_net(self.decoder, z1))
 
     def p_z(self, i: int, z_above: Tensor) -> Distribution:  # pragma: no cover - interface
         """p(z_i | z_{i+1}) for 0-based level i < N-1: batch (M,), event (L_i,)."""
@@ -205,7 +207,7 @@ class TwoLevelVAE(HierarchicalVAE):
 
     def q_z1(self, x: Tensor) -> Distribution:
         """q(z1|x): batch (B,), event (L1,)."""
-        return diagonal_normal(*split_gaussian_params(self.q_z1_head(self.encoder(x))))
+        return diagonal_normal(*split_gaussian_params(self.q_z1_head(run_net(self.encoder, x))))
 
     def q_z2(self, z1: Tensor) -> Distribution:
         """q(z2|z1) for z1 (M, L1): batch (M,), event (L2,)."""
@@ -298,7 +300,7 @@ class TopDownVAE(HierarchicalVAE):
 
     def deterministic_path(self, x: Tensor) -> list[Tensor]:
         """[r_1, ..., r_N], each (B, H)."""
-        r = [self.bottom_up[0](x)]
+        r = [run_net(self.bottom_up[0], x)]
         for block in self.bottom_up[1:]:
             r.append(block(r[-1]))
         return r
@@ -325,7 +327,8 @@ class TopDownVAE(HierarchicalVAE):
         kls = {self.names[-1]: kl_term(q_top, self.prior(), z)}
         for i in reversed(range(self.levels - 1)):
             mu, log_var, delta_mu, delta_log_var = self._step(i, z, r[i])
-            z = mu + delta_mu + torch.exp(0.5 * (log_var + delta_log_var)) * torch.randn_like(mu)
+            eps = standard_normal(mu.shape, 0, mu.dtype, mu.device)  # split like the batch (vaekit.shards)
+            z = mu + delta_mu + torch.exp(0.5 * (log_var + delta_log_var)) * eps
             kls[self.names[i]] = relative_gaussian_kl(delta_mu, log_var, delta_log_var)
         rec = -self.p_x(z).log_prob(x)
         return make_elbo(rec, {name: kls[name] for name in self.names}, beta, free_bits)

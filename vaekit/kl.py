@@ -85,7 +85,7 @@ def moment_matched_normal(p: MixtureSameFamily) -> Distribution | None:
 
     batch (), event (L,). None for mixtures of other families."""
     components = p.component_distribution
-    if type(components) is not Independent or type(components.base_dist) is not Normal:
+    if type(components) is not Independent or not isinstance(components.base_dist, Normal):
         return None
     if len(p.event_shape) != 1 or len(p.batch_shape) != 0:
         return None

@@ -18,6 +18,7 @@ from vaekit.errors import VaekitError
 from vaekit.kl import kl_term
 from vaekit.latents import mean_of
 from vaekit.likelihoods import Likelihood
+from vaekit.net_precision import run_net
 from vaekit.posteriors import Posterior
 from vaekit.priors import Prior
 
@@ -133,11 +134,11 @@ class VAE(nn.Module):
 
     def q_z(self, x: Tensor) -> Distribution:
         """q(z|x): batch (B,), event (L,)."""
-        return self.posterior(self.encoder(x))
+        return self.posterior(run_net(self.encoder, x))
 
     def p_x(self, z: Tensor) -> Distribution:
         """p(x|z) for z (N, L): batch (N,), event = data shape."""
-        return self.likelihood(self.decoder(z))
+        return self.likelihood(run_net(self.decoder, z))
 
     def forward(self, x: Tensor, beta: float = 1.0, free_bits: float = 0.0) -> ELBO:
         """x (B, *shape) -> ELBO of per-example terms (B,); see make_elbo for beta, free_bits."""

@@ -27,6 +27,7 @@ from vaekit.flows import (
 )
 from vaekit.flows.iaf import GATE_BIAS, ConditionalAffineAutoregressive
 from vaekit.rng import own_rng
+from vaekit.shards import standard_normal
 from vaekit.spherical import PowerSpherical, VonMisesFisher
 
 
@@ -62,7 +63,18 @@ def diagonal_normal(mu: Tensor, log_var: Tensor) -> Distribution:
     """N(mu, diag(exp(log_var))): batch (*B,), event (L,) for mu, log_var (*B, L). The one
     diagonal Gaussian of q(z|x): the Gaussian posterior, the base of the flow posteriors, and
     the conditional levels of the hierarchical models."""
-    return Independent(Normal(mu, torch.exp(0.5 * log_var), validate_args=False), 1)
+    return Independent(SplittableNormal(mu, torch.exp(0.5 * log_var), validate_args=False), 1)
+
+
+class SplittableNormal(Normal):
+    """torch's Normal, whose reparameterised draws z = loc + eps * scale take eps from
+    `vaekit.shards.standard_normal`: torch's own noise in one process, and with a batch split
+    over processes each one's rows of the whole batch's noise (so the split changes no draw)."""
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
+        eps = standard_normal(shape, len(sample_shape), self.loc.dtype, self.loc.device)
+        return self.loc + eps * self.scale
 
 
 def _at_least(name: str, value: int, minimum: int) -> None:

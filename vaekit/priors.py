@@ -103,7 +103,7 @@ class ChunkedMixture(MixtureSameFamily):
         """(n, K) log-density of each point z (n, L) under each component."""
         components = self.component_distribution
         base = getattr(components, "base_dist", None)
-        if type(components) is Independent and type(base) is Normal and len(self.event_shape) == 1:
+        if type(components) is Independent and isinstance(base, Normal) and len(self.event_shape) == 1:
             shape = (self._num_component, *self.event_shape)  # (K, L)
             return diagonal_normal_log_density(z, base.loc.expand(shape), base.scale.expand(shape))
         return components.log_prob(z.unsqueeze(-1 - len(self.event_shape)))  # (n, 1, L) -> (n, K)

@@ -43,6 +43,8 @@ class TrainerConfig:
     ema: float | None = None  # decay d in (0, 1) of an EMA of the weights, which are evaluated; None = off
     profile_steps: int = 0  # torch.profiler trace of this many training steps into <run_dir>/profile
     overfit_check: bool = False  # log the training split's NELBO before and after fitting (debug=overfit)
+    devices: int = 1  # training processes on this machine (DDP, one per GPU); under torchrun, torchrun's
+    precision: str = "32"  # 32, bf16-mixed (CUDA and CPU) or 16-mixed (CUDA): the nets' autocast dtype
 
 
 @dataclass

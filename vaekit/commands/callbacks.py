@@ -16,34 +16,57 @@ from omegaconf import DictConfig
 from vaekit.errors import VaekitError
 from vaekit.runs import find_runs
 
-FAILED_STATUSES = ("failed", "diverged")
+ENDED_WELL = {"finished": "finished", "early_stopped": "early-stopped"}  # status -> how the summary says it
+
+
+def job_outcomes(sweep_dir: Path) -> list[tuple[Path, str, str]]:
+    """(job directory, status, reason) of every job under `sweep_dir`, from its metrics.json;
+    a job that left none (or an unreadable one) is 'failed' with that as its reason."""
+    outcomes = []
+    for run_dir in find_runs(sweep_dir):
+        try:
+            record = json.loads((run_dir / "metrics.json").read_text())
+        except (OSError, ValueError):
+            record = None
+        if not isinstance(record, dict):
+            outcomes.append((run_dir, "failed", "it left no readable metrics.json"))
+            continue
+        status = str(record.get("status", "finished"))
+        outcomes.append((run_dir, status, str(record.get("reason", "no reason given"))))
+    return outcomes
 
 
 def failed_jobs(sweep_dir: Path) -> list[str]:
-    """One line per job under `sweep_dir` whose metrics.json is missing, unreadable, or says
-    failed or diverged: 'job N (DIR): reason'."""
-    lines = []
-    for run_dir in find_runs(sweep_dir):
-        path = run_dir / "metrics.json"
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            lines.append(f"job {run_dir.name} ({run_dir}): it left no readable metrics.json")
-            continue
-        status = record.get("status") if isinstance(record, dict) else None
-        if status in FAILED_STATUSES:
-            lines.append(
-                f"job {run_dir.name} ({run_dir}): {status}: {record.get('reason', 'no reason given')}"
-            )
-    return lines
+    """One line per job under `sweep_dir` that did not end well (failed, diverged, interrupted,
+    no readable metrics.json): 'job N (DIR): status: reason'."""
+    return [
+        f"job {run_dir.name} ({run_dir}): {status}: {reason}"
+        for run_dir, status, reason in job_outcomes(sweep_dir)
+        if status not in ENDED_WELL
+    ]
+
+
+def summary(sweep_dir: Path) -> str:
+    """'sweep of 4 jobs (DIR): 2 finished, 1 early-stopped, 1 failed'."""
+    outcomes = job_outcomes(sweep_dir)
+    counts = {**{word: 0 for word in ENDED_WELL.values()}, "failed": 0}
+    for _, status, _ in outcomes:
+        counts[ENDED_WELL.get(status, "failed")] += 1
+    parts = ", ".join(f"{n} {word}" for word, n in counts.items())
+    return f"sweep of {len(outcomes)} jobs ({sweep_dir}): {parts}"
 
 
 class SweepSummary(Callback):
-    """Hydra callback: after a multirun, name every failed job and exit 1 if there was one."""
+    """Hydra callback: after a multirun, count the jobs that finished, stopped early and failed,
+    name every failed job with its reason, and exit 1 if there was one. Read from the job
+    directories, so it holds whichever launcher ran the jobs (in this process, joblib, SLURM)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        lines = failed_jobs(sweep_dir) if sweep_dir.is_dir() else []
+        if not sweep_dir.is_dir():
+            return
+        print(f"vaekit: {summary(sweep_dir)}", flush=True)
+        lines = failed_jobs(sweep_dir)
         if not lines:
             return
         print(f"vaekit: {len(lines)} sweep job(s) failed:", file=sys.stderr)

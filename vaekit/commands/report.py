@@ -174,6 +174,48 @@ def markdown(records: list[RunRecord]) -> str:
     return "\n".join(lines)
 
 
+SEARCH_RESULTS = "optimization_results.yaml"  # what hydra-optuna-sweeper writes into its sweep folder
+
+
+def _job_order(record: RunRecord) -> list[tuple[int, int, str]]:
+    """Sort job 2 before job 10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in Path(record.name).parts]
+
+
+def search_section(root: Path, records: list[RunRecord]) -> str:
+    """For an Optuna sweep (root holds optimization_results.yaml): the best value and its
+    parameters, then every trial in job order with its parameters (the job's overrides),
+    status and best validation NELBO, the value the search minimized. '' for other folders."""
+    from omegaconf import OmegaConf
+
+    try:
+        results = OmegaConf.to_container(OmegaConf.load(root / SEARCH_RESULTS))
+    except Exception:  # no search here, or a damaged file: the report shows the runs as always
+        return ""
+    if not isinstance(results, dict):
+        return ""
+    trials = sorted(records, key=_job_order)
+    keys, common = varying_keys(trials)
+    ended = sum(record.status in ("finished", "early_stopped") for record in trials)
+    best = " ".join(f"{key}={value}" for key, value in (results.get("best_params") or {}).items())
+    lines = [
+        f"Optuna search: {len(trials)} trials, {ended} ended well, {len(trials) - ended} failed; best "
+        f"validation NELBO {_format(results.get('best_value'), '.2f')} with {best or 'no parameters'}",
+        "",
+    ]
+    if common:
+        lines += ["common overrides: " + " ".join(f"{k}={v}" for k, v in common.items()), ""]
+    headings = ["trial", *keys, "status", "best val NELBO", "note"]
+    lines.append("| " + " | ".join(headings) + " |")
+    lines.append("|" + "|".join("---" for _ in headings) + "|")
+    for record in trials:
+        note = (record.note or str(record.metrics.get("reason", ""))).replace("|", "\\|")
+        values = [record.overrides.get(key, "") for key in keys]
+        val = _format(record.metrics.get("val_nelbo"), ".2f")
+        lines.append("| " + " | ".join([record.name, *values, record.status, val, note]) + " |")
+    return "\n".join(lines)
+
+
 def write_csv(records: list[RunRecord], path: Path) -> Path:
     """One row per run: every override key, status, note and every metric; full precision."""
     keys: list[str] = []
@@ -263,8 +305,10 @@ def report(
     check_one_dataset(records, root)
     check_one_test_set(records, root)
     comparison = compare(records, seed_keys, by, baseline)
+    search = search_section(root, records) if fmt == "markdown" else ""
+    search_first = f"{search}\n\n" if search else ""
     text = {
-        "markdown": lambda: as_markdown(comparison) + "\n\nruns:\n\n" + markdown(records),
+        "markdown": lambda: search_first + as_markdown(comparison) + "\n\nruns:\n\n" + markdown(records),
         "csv": lambda: as_csv(comparison),
         "json": lambda: as_json(comparison),
         "latex": lambda: as_latex(comparison),

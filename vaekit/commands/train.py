@@ -6,6 +6,7 @@ Hydra wrapper that the CLI calls. Importing this module registers the schema and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +24,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vaekit.build import build, check_settings, instantiate_group, resolve_device
+from vaekit.commands.rerun import find_rerun
+from vaekit.commands.threads import set_job_threads
 from vaekit.data import DeviceData
 from vaekit.data.memory import changed_splits
 from vaekit.errors import RunStopped, VaekitError, describe_os_error
@@ -31,10 +34,13 @@ from vaekit.loggers.select import check_loggers, make_logger
 from vaekit.overfit import OverfitCheck
 from vaekit.runs import write_json
 from vaekit.schema import register_schema
+from vaekit.training import distributed
 from vaekit.training.checkpoint import load_checkpoint
 from vaekit.training.determinism import make_deterministic
+from vaekit.training.distributed import SilentLogger
 from vaekit.training.flatten import FlatParameters
 from vaekit.training.lock import RunLock
+from vaekit.training.precision import check_precision
 from vaekit.training.resume import register_resolvers, resumed_config
 from vaekit.training.schedule import build_schedule
 from vaekit.training.signals import StopRequest
@@ -77,6 +83,7 @@ def fit_fields(state: Any, cfg: DictConfig, data: DeviceData) -> dict[str, Any]:
         "rollbacks": state.rollbacks,
         "status": state.status,
         "device": str(data.device),
+        "processes": distributed.current().size,  # DDP: how many trained the run (this session)
         "iw_samples": cfg.eval.iw_samples,
         "nelbo_samples": cfg.eval.nelbo_samples or cfg.eval.iw_samples,
         "data_checksums": dict(data.checksums),
@@ -108,7 +115,10 @@ def train(
     check_loggers(cfg)  # an unknown logger, or mlflow not installed: refused before anything is built
     if cfg.trainer.num_threads is not None:  # e.g. 1 per job when several share a CPU
         torch.set_num_threads(cfg.trainer.num_threads)
-    device = resolve_device(cfg.trainer.device)
+    device = distributed.rank_device(resolve_device(cfg.trainer.device))  # several processes: this one's GPU
+    distributed.check_devices(cfg.trainer.devices, device)
+    check_precision(cfg.trainer.precision, device)
+    world = distributed.current()
     if cfg.trainer.deterministic:
         make_deterministic()
     torch.manual_seed(cfg.trainer.seed)
@@ -119,17 +129,20 @@ def train(
             f"trainer.batch_size={cfg.trainer.batch_size} is larger than the training split "
             f"({built.raw.train.shape[0]} examples)."
         )
+    sizes = {"train": built.raw.train.shape[0], "val": data.val.shape[0], "test": data.test.shape[0]}
+    distributed.check_world(cfg, model, sizes)  # a batch that several processes cannot share evenly
     check_budget(data.test.shape[0], cfg.eval.iw_samples, "eval.iw_samples")  # refused now, not after fitting
     check_budget(data.test.shape[0], cfg.eval.nelbo_samples, "eval.nelbo_samples")
     if checkpoint is not None:
         check_same_data(checkpoint, data, Path(cfg.resume) / "last.pt")
     model.prior.initialize_from_data(data.train)
     flat = FlatParameters(model)  # the optimizer sees one tensor: few kernels per step
+    world.broadcast_model(model)  # several processes start from rank 0's weights
     optimizer = instantiate_group(cfg.optimizer, "optimizer", params=[flat.param])
     # on resume, each logger continues its record without what an interrupted run logged
     # after its last checkpoint
     resumed_epoch = checkpoint["fit_state"]["epoch"] if checkpoint else None
-    logger = make_logger(cfg, run_dir, resumed_epoch, saved_config(cfg))
+    logger = make_logger(cfg, run_dir, resumed_epoch, saved_config(cfg)) if world.is_main else SilentLogger()
     try:
         return fit_and_evaluate(cfg, run_dir, checkpoint, on_fit_start, built, flat, optimizer, logger)
     except RunStopped:
@@ -186,16 +199,18 @@ def fit_and_evaluate(
         with stop:
             state = trainer.fit()
     except Interrupted as stopped:
-        write_json(
-            run_dir / "metrics.json", {**fit_fields(trainer.state, cfg, data), "reason": str(stopped)}
-        )
+        if trainer.world.is_main:
+            record = {**fit_fields(trainer.state, cfg, data), "reason": str(stopped)}
+            write_json(run_dir / "metrics.json", record)
         logger.close()
+        stop.pass_on()  # under submitit, a preemption signal requeues the job: its rerun continues
         raise RunStopped(f"{stopped}; resume with: vaekit train resume={run_dir}", stop.exit_code) from None
     except Diverged as diverged:
         record = {**fit_fields(trainer.state, cfg, data), "reason": str(diverged)}
         if trainer.state.best_epoch > 0:  # the best model from before the divergence
             record.update(evaluate_best(model, data, run_dir, logger, trainer.state.best_epoch, cfg))
-        write_json(run_dir / "metrics.json", record)
+        if trainer.world.is_main:
+            write_json(run_dir / "metrics.json", record)
         logger.close()
         raise RunStopped(str(diverged)) from None
     overfit_fields = overfit.finish(state.epoch) if overfit is not None else {}  # before best.pt is loaded
@@ -204,7 +219,8 @@ def fit_and_evaluate(
         **fit_fields(state, cfg, data),
         **overfit_fields,
     }
-    write_json(run_dir / "metrics.json", metrics)
+    if trainer.world.is_main:
+        write_json(run_dir / "metrics.json", metrics)
     logger.hparams(hparams_of(cfg), final_metrics(metrics))
     logger.close()
     return metrics
@@ -249,8 +265,10 @@ def evaluate_best(
     model.load_state_dict(load_checkpoint(run_dir / "best.pt", data.device)["model"])
     clock.lap("load best.pt")
     e = cfg.eval
+    shard = distributed.current().shard  # several processes: each scores its block of the test split
+    progress = cfg.trainer.progress and shard is None
     metrics, means = evaluate_model(
-        model, data.test, e.iw_samples, e.nelbo_samples, e.batch_size, e.seed, cfg.trainer.progress
+        model, data.test, e.iw_samples, e.nelbo_samples, e.batch_size, e.seed, progress, shard=shard
     )
     clock.lap("test metrics")
     if cfg.trainer.log_images:
@@ -369,7 +387,8 @@ def prepare_resume(cfg: DictConfig, hydra_cfg: Any) -> tuple[DictConfig, dict[st
 
 def train_job(cfg: DictConfig, hydra_cfg: Any, run_dir: Path, record: dict[str, Path]) -> dict[str, Any]:
     """One `vaekit train` job, for the CLI and the Python API alike: lock run_dir, continue
-    cfg.resume (or refuse a directory that already holds a run), train; returns the metrics.
+    cfg.resume, or the run of this same config that run_dir holds (a requeued job: auto-resume),
+    or refuse a directory that holds another run; train; returns the metrics.
 
     Once this process owns the run, record["to"] is the file a failure is to be written to.
     """
@@ -377,14 +396,27 @@ def train_job(cfg: DictConfig, hydra_cfg: Any, run_dir: Path, record: dict[str, 
     def resume_started() -> None:  # from here on a failure is recorded beside the run's result
         record["to"] = run_dir / RESUME_FAILURE
 
-    with RunLock(run_dir):
+    run_dir = distributed.share_run_dir(run_dir)  # several processes: rank 0's
+    if not distributed.current().is_main:
+        record = {}  # failures are recorded by rank 0 alone
+    with RunLock(run_dir) if distributed.holds_lock() else contextlib.nullcontext():
         checkpoint, on_fit_start = None, None
         if cfg.resume:  # refused until fitting starts: nothing of the run changes
             cfg, checkpoint = prepare_resume(cfg, hydra_cfg)
             on_fit_start = resume_started
+        elif (rerun := find_rerun(cfg, saved_config(cfg), run_dir)) is not None:  # auto-resume
+            if rerun.metrics is not None:
+                log.info("%s already holds this run, finished: nothing to train", run_dir)
+                return rerun.metrics
+            cfg, checkpoint, on_fit_start = rerun.cfg, rerun.checkpoint, resume_started
         else:
-            refuse_finished_run(run_dir)
+            if distributed.current().is_main:
+                refuse_finished_run(run_dir)
             record["to"] = run_dir / "metrics.json"
+        if distributed.must_launch(cfg.trainer.devices):  # trainer.devices=N: the job as N processes
+            check_settings(cfg)
+            distributed.check_devices(cfg.trainer.devices, resolve_device(cfg.trainer.device))
+            return distributed.launch(cfg.trainer.devices, hydra_cfg, run_dir)
         return train(cfg, run_dir, checkpoint, on_fit_start)
 
 
@@ -394,22 +426,26 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
-    """Hydra entry point of `vaekit train`; returns the test IW-NLL (for sweepers).
+    """Hydra entry point of `vaekit train`; returns the best validation NELBO (for sweepers:
+    Optuna minimizes it; a test metric would select on the test set).
 
-    In a sweep a failed job returns None; its metrics.json says why, and the sweep's
-    summary (vaekit.commands.callbacks) names it at the end.
+    In a sweep a failed or diverged job returns None, which Optuna records as a failed trial
+    and searches on; its metrics.json says why, and the sweep's summary
+    (vaekit.commands.callbacks) names it at the end.
     """
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     started = time.time()
     record: dict[str, Path] = {}  # where a failure is written ("to"): nowhere until this process owns the run
+    set_job_threads(cfg.trainer.num_threads, hydra_cfg)  # jobs side by side: share the cores
     try:
         if cfg.resume and multirun:
             raise VaekitError("resume continues one run at a time: drop -m/--multirun.")
         metrics = train_job(cfg, hydra_cfg, run_dir, record)
     except RunStopped as stopped:  # interrupted or diverged: metrics.json says so already
-        print(f"vaekit: {stopped}", file=sys.stderr, flush=True)
+        if distributed.current().is_main:  # one message for all processes
+            print(f"vaekit: {stopped}", file=sys.stderr, flush=True)
         if not multirun or stopped.exit_code != 1:
             sys.exit(stopped.exit_code)  # an interrupt also stops the rest of a sweep
         return None
@@ -430,6 +466,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         if not multirun:
             sys.exit(1)
         return None
-    print(summary_line(metrics, run_dir), flush=True)
-    value = metrics["test_iw_nll"]
-    return value if math.isfinite(value) else None
+    if distributed.prints_summary():
+        print(summary_line(metrics, run_dir), flush=True)
+    value = metrics.get("val_nelbo")  # the best validation NELBO: sweepers never select on the test set
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from vaekit.data.splits import SPLIT_NAMES, RawSplits
+from vaekit.shards import Shard
 
 
 class DeviceData:
@@ -65,16 +66,27 @@ class DeviceData:
         drawn from the CPU `generator`."""
         return torch.randperm(self.num_train, generator=generator).to(self.device)
 
-    def train_batch(self, perm: Tensor, step: int, batch_size: int, generator: torch.Generator) -> Tensor:
+    def train_batch(
+        self, perm: Tensor, step: int, batch_size: int, generator: torch.Generator, shard: Shard | None = None
+    ) -> Tensor:
         """Batch number `step` of the epoch ordered by `perm`, binarized afresh if asked:
-        x = 1[u < intensity] with u ~ U[0, 1) from the CPU `generator`."""
-        x = self.train[perm[step * batch_size : (step + 1) * batch_size]]
-        return self.binarized(x, generator) if self.binarize else x
+        x = 1[u < intensity] with u ~ U[0, 1) from the CPU `generator`. With `shard` (one of
+        several processes sharing the batch), only its rows, binarized with their part of the
+        whole batch's noise, so the generator advances alike in every process."""
+        index = perm[step * batch_size : (step + 1) * batch_size]
+        rows = shard.rows(index.shape[0]) if shard is not None else None
+        x = self.train[index if rows is None else index[rows]]
+        return self.binarized(x, generator, index.shape[0], rows) if self.binarize else x
 
-    def binarized(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        """x' = 1[u < x] with u ~ U[0, 1) drawn from the CPU `generator`, x (B, C, H, W) on the device."""
+    def binarized(
+        self, x: Tensor, generator: torch.Generator, total: int | None = None, rows: slice | None = None
+    ) -> Tensor:
+        """x' = 1[u < x] with u ~ U[0, 1) drawn from the CPU `generator`, x (B, C, H, W) on the device.
+        With `rows`, x holds those rows of a batch of `total`: u is drawn for all and sliced."""
         pinned = self.device.type == "cuda"  # a pinned buffer lets the copy run asynchronously
-        u = torch.rand(x.shape, generator=generator, pin_memory=pinned)
+        shape = x.shape if rows is None else (total, *x.shape[1:])
+        u = torch.rand(shape, generator=generator, pin_memory=pinned)
+        u = u if rows is None else u[rows]
         return (u.to(self.device, non_blocking=True) < x).to(x.dtype)
 
     def num_train_batches(self, batch_size: int) -> int:

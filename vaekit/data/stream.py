@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vaekit.data.memory import DeviceData
 from vaekit.data.splits import RawSplits
+from vaekit.shards import Shard
 
 log = logging.getLogger("vaekit")
 
@@ -42,10 +43,12 @@ class _EpochSlices(Sampler):
         self.batch_size = batch_size
         self.perm = torch.empty(0, dtype=torch.long)
         self.start = 0
+        self.shard: Shard | None = None  # with several processes: only this one's rows of each batch
 
     def __iter__(self) -> Iterator[Tensor]:
         for begin in range(self.start * self.batch_size, self.perm.shape[0], self.batch_size):
-            yield self.perm[begin : begin + self.batch_size]
+            index = self.perm[begin : begin + self.batch_size]
+            yield index if self.shard is None else index[self.shard.rows(index.shape[0])]
 
     def __len__(self) -> int:
         return max(0, -(-self.perm.shape[0] // self.batch_size) - self.start)
@@ -91,17 +94,23 @@ class StreamedData(DeviceData):
         """A fresh random order of the training split, (N,) int64 on the CPU (as drawn)."""
         return torch.randperm(self.num_train, generator=generator)
 
-    def train_batch(self, perm: Tensor, step: int, batch_size: int, generator: torch.Generator) -> Tensor:
+    def train_batch(
+        self, perm: Tensor, step: int, batch_size: int, generator: torch.Generator, shard: Shard | None = None
+    ) -> Tensor:
         """Batch number `step` of the epoch ordered by `perm`: the loader's next batch when the
-        trainer asks for them in order (a fresh loader pass otherwise: a new epoch, a resume)."""
+        trainer asks for them in order (a fresh loader pass otherwise: a new epoch, a resume).
+        With `shard`, only its rows, gathered and binarized as `DeviceData.train_batch` does."""
         if self.next_step is None or self.next_step[0] is not perm or self.next_step[1] != step:
-            self.batches = self._start(perm.cpu(), step, batch_size)
+            self.batches = self._start(perm.cpu(), step, batch_size, shard)
         rows = next(self.batches).to(self.device, non_blocking=True)
         self.next_step = (perm, step + 1)
         x = rows.float().mul_(self.scale)
-        return self.binarized(x, generator) if self.binarize else x
+        if not self.binarize:
+            return x
+        total = min(batch_size, self.num_train - step * batch_size)
+        return self.binarized(x, generator, total, shard.rows(total) if shard is not None else None)
 
-    def _start(self, perm: Tensor, step: int, batch_size: int) -> Iterator[Tensor]:
+    def _start(self, perm: Tensor, step: int, batch_size: int, shard: Shard | None) -> Iterator[Tensor]:
         if self.slices is None or self.slices.batch_size != batch_size:
             self.slices = _EpochSlices(batch_size)
             self.loader = DataLoader(
@@ -115,6 +124,6 @@ class StreamedData(DeviceData):
                 # the global stream that the model's noise comes from
                 generator=torch.Generator(),
             )
-        self.slices.perm, self.slices.start = perm, step
+        self.slices.perm, self.slices.start, self.slices.shard = perm, step, shard
         return iter(self.loader)
 

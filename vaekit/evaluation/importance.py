@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from vaekit.models import decoder_outputs, log_weights_of
+from vaekit.shards import Shard
 
 # Decoder outputs per call: on the CPU a call whose output stays within the caches is about 2x
 # faster per pair than one of 2**24 (scripts/bench_iw.py); accelerators want large calls.
@@ -61,13 +62,20 @@ def importance_estimates(
     nelbo_draws: int | None = None,
     chunk_elements: int | None = None,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> dict[str, float]:
     """Mean per-example IW-NLL (k draws) and NELBO, rec, kl, kl/<level> (the first
     `nelbo_draws` draws; None: all k) of `model` (eval mode) on x (N, *shape), in nats.
 
     Returns {"iw_nll", "nelbo", "rec", "kl", "kl/<level>"...}. The progress bar shows on a
-    terminal only.
+    terminal only. With `shard` (one of several processes, each holding all of x) this process
+    takes its contiguous block of x (`shard.rows`), and the sums are added up over processes
+    (`shard.reduce`) before the means over all N examples: the same estimator, each example's
+    draws coming from the stream of the process that scores it.
     """
+    num_examples = x.shape[0]
+    if shard is not None:
+        x = x[shard.rows(num_examples)]
     n = k if nelbo_draws is None else nelbo_draws
     total_draws = max(k, n)
     elements = chunk_elements or default_chunk_elements(x.device)
@@ -98,7 +106,10 @@ def importance_estimates(
                     term_sums = sums if term_sums is None else term_sums + sums
                 bar.update(xb.shape[0] * size)
             iw_sum += (log_sum - math.log(k)).sum()
-    return _means(iw_sum, term_sums, names, x.shape[0], n)
+    sums = torch.cat([iw_sum.view(1), term_sums])  # (2 + levels,) in float64
+    if shard is not None:
+        sums = shard.reduce(sums)
+    return _means(sums, names, num_examples, n)
 
 
 def _add_iw_draws(log_sum: Tensor | None, log_w: Tensor, remaining: int) -> Tensor | None:
@@ -109,11 +120,9 @@ def _add_iw_draws(log_sum: Tensor | None, log_w: Tensor, remaining: int) -> Tens
     return part if log_sum is None else torch.logaddexp(log_sum, part)
 
 
-def _means(
-    iw_sum: Tensor, term_sums: Tensor, names: list[str], num_examples: int, n: int
-) -> dict[str, float]:
-    """Per-example means from the pass's sums (the evaluation's one host sync)."""
-    values = torch.cat([iw_sum.view(1) / num_examples, term_sums / (num_examples * n)]).tolist()
+def _means(sums: Tensor, names: list[str], num_examples: int, n: int) -> dict[str, float]:
+    """Per-example means from the pass's sums [iw, rec, *levels] (the evaluation's one host sync)."""
+    values = torch.cat([sums[:1] / num_examples, sums[1:] / (num_examples * n)]).tolist()
     iw_nll, rec, *kls = values
     result = {"iw_nll": -iw_nll, "nelbo": rec + sum(kls), "rec": rec, "kl": sum(kls)}
     result.update({f"kl/{name}": kl for name, kl in zip(names, kls, strict=True)})

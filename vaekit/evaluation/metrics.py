@@ -15,21 +15,32 @@ from vaekit.data import batches
 from vaekit.errors import VaekitError
 from vaekit.evaluation.importance import importance_estimates
 from vaekit.latents import posterior_means
+from vaekit.shards import Shard, split_noise
 
 
-@torch.no_grad()
-def nelbo_terms(model: nn.Module, x: Tensor, batch_size: int) -> dict[str, float]:
+@torch.inference_mode()
+def nelbo_terms(model: nn.Module, x: Tensor, batch_size: int, shard: Shard | None = None) -> dict[str, float]:
     """Mean per-example NELBO, rec and KL (total and per level, `kl/<level>`) over x, nats:
     one draw z ~ q(z|x) per example and the KL as training computes it (analytic where it
-    exists). The validation signal; the test NELBO comes from `importance_estimates`."""
+    exists). The validation signal; the test NELBO comes from `importance_estimates`.
+
+    With `shard` (one of several processes, each holding all of x), every batch is split over
+    the processes: this one scores its rows with their part of the whole batch's noise
+    (`vaekit.shards.split_noise`) and the sums are added up over processes (`shard.reduce`), so
+    each returns the numbers one process would."""
     totals: dict[str, Tensor] = {}
     for xb in batches(x, batch_size):
-        elbo = model(xb)
+        rows = shard.rows(xb.shape[0]) if shard is not None else None
+        with split_noise(xb.shape[0], rows):
+            elbo = model(xb if rows is None else xb[rows])
         terms = {"nelbo": elbo.nelbo, "rec": elbo.rec, "kl": elbo.kl}
         terms.update({f"kl/{name}": kl for name, kl in elbo.kl_per_level.items()})
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + value.sum()
-    stacked = torch.stack(list(totals.values())).div_(x.shape[0]).tolist()  # one host sync
+    stacked = torch.stack(list(totals.values()))
+    if shard is not None:
+        stacked = shard.reduce(stacked)
+    stacked = stacked.div_(x.shape[0]).tolist()  # one host sync
     return dict(zip(totals.keys(), stacked, strict=True))
 
 
@@ -81,6 +92,7 @@ def evaluate_model(
     seed: int,
     progress: bool = True,
     chunk_elements: int | None = None,
+    shard: Shard | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Every metric of `model` (eval mode) on one split x (N, *shape), and the posterior means.
 
@@ -89,12 +101,14 @@ def evaluate_model(
     and the NELBO with its terms (the first nelbo_samples of those draws; None: all of them)
     come from one pass (`importance_estimates`). Each stage is seeded with `seed` on its own,
     so the same seed gives the same numbers: `vaekit evaluate` and the end of `vaekit train`
-    agree. batch_size: examples per pass of the posterior means.
+    agree. batch_size: examples per pass of the posterior means. With `shard` (one of several
+    processes) the importance pass is shared out (`importance_estimates`), each process seeded
+    with `shard.seed(seed)`; the posterior means are computed whole in every process.
     """
     model.eval()
     num_dims = math.prod(x.shape[1:])
-    torch.manual_seed(seed)
-    estimates = importance_estimates(model, x, iw_samples, nelbo_samples, chunk_elements, progress)
+    torch.manual_seed(seed if shard is None else shard.seed(seed))
+    estimates = importance_estimates(model, x, iw_samples, nelbo_samples, chunk_elements, progress, shard)
     torch.manual_seed(seed)
     means = posterior_means(model, x, batch_size)
     nll = estimates["iw_nll"]

@@ -26,6 +26,8 @@ RESUMABLE_KEYS = frozenset(
         "trainer.progress",
         "trainer.num_threads",
         "trainer.device",
+        "trainer.devices",  # any number of processes that divides the batch continues a run
+        "trainer.precision",
         "trainer.deterministic",
         "data.in_memory",
         "data.max_device_bytes",

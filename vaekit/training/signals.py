@@ -1,11 +1,18 @@
 """Graceful stops: the first SIGINT/SIGTERM asks the trainer to stop after the current step;
-a second SIGINT stops at once."""
+a second SIGINT stops at once. SIGUSR1/SIGUSR2 (a scheduler's warning before a time limit or a
+preemption: SLURM's `--signal`, sent by submitit) stop the same way, and are then passed on to the
+handler that was there before (submitit's, which requeues the job; its rerun continues from last.pt)."""
 
 from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType, TracebackType
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# submitit's warning signal: USR2 by default, USR1 with SUBMITIT_PREEMPT_SIGNAL=USR1 (`--signal=USR1@90`)
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopRequest:
@@ -19,12 +26,16 @@ class StopRequest:
         self.requested = False
         self.signal_name = ""
         self._previous: dict[int, object] = {}
+        self._pass_on: Callable[[int, FrameType | None], object] | None = None  # set by a preemption signal
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+        previous = self._previous.get(signum)
+        if signum in PREEMPT_SIGNALS and callable(previous):
+            self._pass_on = previous
         print(
             f"\nvaekit: {self.signal_name} received: stopping after the current step "
             "(press Ctrl-C again to stop at once)",
@@ -33,7 +44,7 @@ class StopRequest:
         )
 
     def __enter__(self) -> StopRequest:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (*STOP_SIGNALS, *PREEMPT_SIGNALS):
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread: signals stay as they are
@@ -47,7 +58,16 @@ class StopRequest:
             signal.signal(signum, handler)
         self._previous.clear()
 
+    def pass_on(self) -> None:
+        """After a preemption signal, call the handler it would have reached without vaekit
+        (submitit's requeues the job and exits); nothing otherwise. Call once last.pt is written."""
+        handler, self._pass_on = self._pass_on, None
+        if handler is not None:
+            message = f"vaekit: {self.signal_name} passed on to the launcher (it requeues the job)"
+            print(message, file=sys.stderr, flush=True)
+            handler(signal.Signals[self.signal_name].value, None)
+
     @property
     def exit_code(self) -> int:
-        """The shell convention: 128 + signal number (130 for SIGINT, 143 for SIGTERM)."""
+        """The shell convention: 128 + signal number (130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 140 SIGUSR2)."""
         return 128 + (signal.Signals[self.signal_name].value if self.signal_name else signal.SIGINT)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -24,14 +25,17 @@ from vaekit.errors import VaekitError
 from vaekit.evaluation.metrics import nelbo_terms
 from vaekit.rng import own_rng
 from vaekit.schema import TrainerConfig
+from vaekit.shards import split_noise
 from vaekit.syncs import checks_are_free
 from vaekit.training import rng_state
-from vaekit.training.checkpoint import CHECKPOINT_FORMAT, load_weights, save_atomic
+from vaekit.training.checkpoint import CHECKPOINT_FORMAT, BackgroundWriter, load_weights, save_atomic
+from vaekit.training.distributed import World, current
 from vaekit.training.ema import EMA
 from vaekit.training.epoch_log import EpochLog, epoch_line
 from vaekit.training.flatten import FlatParameters
 from vaekit.training.guard import StepGuard
 from vaekit.training.optimizers import FlatOptimizer
+from vaekit.training.precision import Precision
 from vaekit.training.profiling import StepProfiler
 from vaekit.training.schedule import Schedule, check_schedule_state
 from vaekit.training.signals import StopRequest
@@ -77,7 +81,7 @@ class EpochProgress:
 
     perm: Tensor  # (N,) the epoch's order of the training split
     step: int = 0  # batches done
-    sums: Tensor | None = None  # running sums of the logged terms
+    sums: Tensor | None = None  # running sums of rec and each level's KL (the names, in order)
     names: tuple[str, ...] = ()
     count: int = 0  # examples done
 
@@ -88,6 +92,8 @@ class Trainer:
     `stop` is the request that SIGINT/SIGTERM set; `config` (plain data) is saved in every
     checkpoint. `schedule` sets the lr each epoch (default: the optimizer's lr, constant);
     with settings.ema the EMA weights are the ones validated, checkpointed as "model" and tested.
+    `world`: this process's place among several (vaekit.training.distributed; default: the
+    process group joined, else alone); `precision`: how steps compute (default settings.precision).
     """
 
     def __init__(
@@ -103,11 +109,19 @@ class Trainer:
         stop: StopRequest,
         eval_batch_size: int,
         schedule: Schedule | None = None,
+        world: World | None = None,
+        precision: Precision | None = None,
     ) -> None:
+        self.world = world if world is not None else current()
+        self.precision = precision or Precision(getattr(settings, "precision", "32"), data.device)
         self.model = model
         self.flat = flat
         self.optimizer = optimizer
         self.data = data
+        # a plain dataclass: the loop reads its fields every step, and a DictConfig's
+        # attribute access costs about 80 us each
+        if OmegaConf.is_config(settings):  # a resumed run's node is not typed: merge it into the schema
+            settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConfig), settings))
         self.settings = settings
         self.run_dir = run_dir
         self.logger = logger
@@ -123,8 +137,10 @@ class Trainer:
         self.schedule = schedule if schedule is not None else Schedule()
         self.schedule.attach(optimizer)
         self.ema = EMA(flat, settings.ema) if settings.ema is not None else None
-        self.profiler = StepProfiler(settings.profile_steps, run_dir / "profile", data.device)
+        profile_steps = settings.profile_steps if self.world.is_main else 0  # rank 0 writes the trace
+        self.profiler = StepProfiler(profile_steps, run_dir / "profile", data.device)
         self.epoch_log = EpochLog()
+        self.writer = BackgroundWriter()
         self.guard = StepGuard(settings.max_nonfinite_steps, sync_free=False, device=data.device)
         self.lr = float(optimizer.param_groups[0]["lr"])  # the lr of the current epoch
 
@@ -137,9 +153,8 @@ class Trainer:
         s = self.settings
         self.state.status = "running"
         self.good_state = self.checkpoint()
-        bar = tqdm(
-            total=s.max_epochs, initial=self.state.epoch, desc="train", unit="epoch", disable=not s.progress
-        )
+        hidden = not s.progress or not self.world.is_main
+        bar = tqdm(total=s.max_epochs, initial=self.state.epoch, desc="train", unit="epoch", disable=hidden)
         # log lines on the console go through tqdm.write, so they do not break the bar
         console = logging_redirect_tqdm() if s.progress else contextlib.nullcontext()
         self.profiler.start()
@@ -162,9 +177,14 @@ class Trainer:
                         self.good_state = snapshot
                     bar.update(1)
                     bar.set_postfix(val=f"{val_terms['nelbo']:.2f}", best=f"{self.state.best_val:.2f}")
+        except (Interrupted, Diverged):
+            self.world.barrier()  # every process stops at the same step, after rank 0 wrote its files
+            raise
         finally:
             bar.close()
             self.profiler.close()
+            self.writer.wait()  # best.pt and last.pt are on disk when fit returns or raises
+        self.world.barrier()  # the others read best.pt next: wait until rank 0 has written it
         if self.state.status == "early_stopped":
             st = self.state
             log.info(
@@ -207,35 +227,36 @@ class Trainer:
         if self.progress is None:
             self.progress = EpochProgress(perm=self.data.permutation(self.generator))
         p = self.progress
+        shard = self.world.shard  # None in a lone process
         for step in range(p.step, self.data.num_train_batches(bs)):
-            x = self.data.train_batch(p.perm, step, bs, self.generator)
-            elbo = self.forward(x, beta=beta, free_bits=free_bits)
-            loss = elbo.loss.mean()
+            count = min(bs, self.data.num_train - step * bs)  # examples in the (global) batch
+            x = self.data.train_batch(p.perm, step, bs, self.generator, shard)  # this process's rows
+            with split_noise(count, shard.rows(count) if shard else None), self.precision.nets():
+                elbo = self.forward(x, beta=beta, free_bits=free_bits)
+            # each process's share of the batch mean: their gradients sum to the batch's gradient
+            loss = elbo.loss.mean() if shard is None else elbo.loss.sum() / count
             self.flat.zero_grad()
-            loss.backward()
+            self.precision.backward(loss)
+            loss, stop = self._combine(loss)
             ok = self._finite_step(loss)
             if ok is not False:  # True, or the device's flag of a masked step
                 self.optimizer.step() if ok is True else self.optimizer.step(ok=ok)
                 if self.ema is not None:
                     self.ema.update(None if ok is True else ok)
                 self._add_terms(p, elbo, x.shape[0], ok)
+            self.precision.update()
             p.step = step + 1
             self.profiler.step()
             if self.guard.must_roll_back:
                 raise _RollBack
-            if self.stop.requested:
+            if stop:
                 self._interrupt()
         self._read_guard()
         if self.guard.must_roll_back:
             raise _RollBack
         self.progress = None
         self.state.epoch += 1
-        if p.sums is None:
-            return {}
-        *sums, count = torch.cat([p.sums, torch.as_tensor(p.count, device=p.sums.device).view(1)]).tolist()
-        if count == 0:  # the epoch's one host sync, above
-            return {}
-        return {name: total / count for name, total in zip(p.names, sums, strict=True)}
+        return self._epoch_means(p)
 
     def _choose_guard_path(self) -> None:
         """Sync-free steps where reading a flag would stall the device (and the optimizer can
@@ -245,26 +266,73 @@ class Trainer:
             self.guard.poll()
             self.guard.sync_free = sync_free
 
+    def _combine(self, loss: Tensor) -> tuple[Tensor, bool]:
+        """With several processes: the gradient summed over them (one all-reduce of the flat
+        buffer), the loss summed (so the guard decides alike in each) and whether any was asked
+        to stop. Alone: the loss and this process's stop request."""
+        if self.world.size == 1:
+            return loss, self.stop.requested
+        self.world.sum_(self.flat.param.grad)
+        if loss.device.type == "cpu":  # one small all-reduce carries both
+            stop = torch.tensor(1.0 if self.stop.requested else 0.0)
+            both = self.world.sum_(torch.stack([loss.detach().float(), stop]))
+            return both[0], bool(both[1] > 0)
+        return self.world.sum_(loss.detach().clone()), self.world.any(self.stop.requested)
+
     def _finite_step(self, loss: Tensor) -> bool | Tensor:
         """Clip the gradient if asked; whether the step may be taken (`StepGuard.check`): a bool,
-        or on the sync-free path a flag on the device for a masked step."""
+        or on the sync-free path a flag on the device for a masked step. With fp16 an overflowed
+        gradient skips the step without counting as non-finite (vaekit.training.precision)."""
+        self.precision.unscale(self.optimizer)
         if self.settings.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_([self.flat.param], self.settings.grad_clip)
         else:
             norm = self.flat.grad_norm()
-        return self.guard.check(loss, norm)
+        grads_finite = self.precision.grads_finite(norm)
+        if grads_finite is None:
+            return self.guard.check(loss, norm)
+        ok = self.guard.check(loss, torch.zeros_like(norm))  # the loss alone: divergence
+        if ok is True:
+            return bool(grads_finite)
+        return ok if ok is False else ok & grads_finite
 
     @staticmethod
     def _add_terms(p: EpochProgress, elbo: Any, batch: int, ok: bool | Tensor) -> None:
-        """Add a taken step's per-example sums to the epoch's (masked by the device flag)."""
-        terms = [elbo.nelbo, elbo.rec, elbo.kl, *elbo.kl_per_level.values()]
-        batch_sums = torch.stack([t.detach().sum() for t in terms])
+        """Add a taken step's sums of rec and each level's KL to the epoch's (masked by the
+        device flag); `_epoch_means` derives the NELBO and total KL from them."""
+        per_example = [elbo.rec.detach(), *(kl.detach() for kl in elbo.kl_per_level.values())]
+        batch_sums = torch.stack(per_example).sum(1)
         if ok is not True:
             batch_sums = torch.where(ok, batch_sums, 0.0)
             batch = ok.to(torch.int64) * batch
         p.sums = batch_sums if p.sums is None else p.sums + batch_sums
-        p.names = p.names or ("nelbo", "rec", "kl", *(f"kl/{k}" for k in elbo.kl_per_level))
+        p.names = p.names or ("rec", *(f"kl/{k}" for k in elbo.kl_per_level))
         p.count = p.count + batch
+
+    def _epoch_means(self, p: EpochProgress) -> dict[str, float]:
+        """Mean train terms per example: nelbo, rec, kl, kl/<level> (the epoch's one host sync),
+        over the examples of every process."""
+        if p.sums is None:
+            return {}
+        if self.world.size > 1:
+            sums, count = self._global_sums(p)
+            p = EpochProgress(perm=p.perm, sums=sums, names=p.names, count=count)
+        count = torch.as_tensor(p.count, device=p.sums.device, dtype=p.sums.dtype).view(1)
+        *sums, examples = torch.cat([p.sums, count]).tolist()
+        if examples == 0:
+            return {}
+        rec, *kls = (total / examples for total in sums)
+        means = {"nelbo": rec + sum(kls), "rec": rec, "kl": sum(kls)}
+        return {**means, **dict(zip(p.names[1:], kls, strict=True))}
+
+    def _global_sums(self, p: EpochProgress) -> tuple[Tensor | None, int]:
+        """The epoch's running sums and example count added up over every process (float64 in
+        transit, so counts stay exact)."""
+        if p.sums is None:  # no step kept yet: alike in every process
+            return None, 0
+        count = torch.as_tensor(p.count, device=p.sums.device, dtype=torch.float64).view(1)
+        totals = self.world.sum_(torch.cat([p.sums.double(), count]))
+        return totals[:-1].to(p.sums.dtype), int(totals[-1].item())
 
     def _read_guard(self) -> None:
         """The guard's counters into the fit state (one sync on the sync-free path)."""
@@ -278,9 +346,10 @@ class Trainer:
         to a lucky draw; forking the RNG keeps validation from shifting the training stream.
         """
         self.model.eval()
+        self.world.broadcast_model(self.model, parameters=False)  # BatchNorm's statistics: rank 0's
         with own_rng(self.data.device), self.evaluated_weights():
             torch.manual_seed(VALIDATION_SEED)
-            return nelbo_terms(self.model, self.data.val, self.eval_batch_size)
+            return nelbo_terms(self.model, self.data.val, self.eval_batch_size, self.world.shard)
 
     def evaluated_weights(self) -> contextlib.AbstractContextManager[None]:
         """Inside it the model holds the weights that are validated and saved as "model": the
@@ -312,6 +381,7 @@ class Trainer:
         good = self.good_state
         self._load_model(good, self.run_dir / "last.pt")
         self.optimizer.load_state_dict(good["optimizer"])  # this also restores the old lr...
+        self.precision.load_state_dict(good.get("precision"))
         # ...which the schedule replaces: its lowered base times the factor of this epoch
         self.schedule.scale_base(self.settings.rollback_lr_factor)
         lr = self.schedule.apply(self.optimizer, st.epoch)
@@ -334,7 +404,10 @@ class Trainer:
     def _interrupt(self) -> None:
         """Write last.pt with the state after the last step, then raise Interrupted."""
         self.state.status = "interrupted"
-        save_atomic(self.checkpoint(), self.run_dir / "last.pt")
+        snapshot = self.checkpoint()  # in every process: its sums are added up over them
+        if self.world.is_main:
+            self.writer.wait()  # the epoch's own last.pt first, then this one over it
+            save_atomic(snapshot, self.run_dir / "last.pt")
         raise Interrupted(
             f"stopped at epoch {self.state.epoch + 1}, step {self.progress.step} "
             f"({self.stop.signal_name}); last.pt holds that state"
@@ -370,6 +443,8 @@ class Trainer:
         if self.progress is not None:
             self._read_guard()
             progress = {**asdict(self.progress), "names": list(self.progress.names)}
+            if self.world.size > 1:  # the sums over every process: any number of them resumes
+                progress["sums"], progress["count"] = self._global_sums(self.progress)
             progress["count"] = int(progress["count"])  # a device tensor on the sync-free path
         raw_model = on_cpu(self.model.state_dict())
         with self.evaluated_weights():
@@ -382,7 +457,8 @@ class Trainer:
             "optimizer": on_cpu(self.optimizer.state_dict()),
             "fit_state": asdict(self.state),
             "epoch_progress": on_cpu(progress),
-            "rng": rng_state.capture(self.generator, self.data.device),
+            "rng": rng_state.capture(self.generator, self.data.device),  # alike in every process
+            "precision": self.precision.state_dict(),  # fp16's loss scale; None otherwise
             "config": self.config,
             "data_checksums": dict(self.data.checksums),
         }
@@ -410,7 +486,15 @@ class Trainer:
             progress["perm"] = progress["perm"].to(self.data.device)
             if progress["sums"] is not None:
                 progress["sums"] = progress["sums"].to(self.data.device)
+            if progress["names"][:1] == ("nelbo",):  # saved by vaekit 0.1: nelbo, rec, kl, kl/<level>
+                keep = [i for i, name in enumerate(progress["names"]) if name == "rec" or "/" in name]
+                progress["names"] = tuple(progress["names"][i] for i in keep)
+                if progress["sums"] is not None:
+                    progress["sums"] = progress["sums"][keep]
             self.progress = EpochProgress(**progress)
+            if not self.world.is_main and self.progress.sums is not None:  # rank 0 carries the sums so far
+                self.progress.sums, self.progress.count = torch.zeros_like(self.progress.sums), 0
+        self.precision.load_state_dict(checkpoint.get("precision"))
         position = (self.state.epoch, self.progress.step if self.progress is not None else 0)
         rng_state.restore(checkpoint["rng"], self.generator, self.data.device, self.settings.seed, position)
         self.last_image_epoch = self.state.epoch
@@ -428,7 +512,8 @@ class Trainer:
         Returns the snapshot that was written (the roll-back target when it is finite)."""
         snapshot = self.checkpoint()
         best = self.run_dir / "best.pt" if also_best else None
-        save_atomic(snapshot, self.run_dir / "last.pt", also=best)
+        if self.world.is_main:  # written while the next epoch trains
+            self.writer.submit(snapshot, self.run_dir / "last.pt", also=best)
         return snapshot
 
 
