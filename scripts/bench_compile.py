@@ -33,8 +33,8 @@ def fit_timed(cfg, raw, data, epochs: int, run_dir: Path) -> tuple[float, float,
     flat = FlatParameters(model)
     optimizer = instantiate_group(cfg.optimizer, "optimizer", params=[flat.param])
     logger = RunLogger(run_dir)
-    settings = cfg.trainer
-    trainer = Trainer(model, flat, optimizer, data, settings, run_dir, logger, {}, StopRequest(), 1000)
+    trainer = Trainer(model, flat, optimizer, data, cfg.trainer, run_dir, logger, {}, StopRequest(), 1000)
+    settings = trainer.settings  # the trainer's own copy of cfg.trainer
     settings.max_epochs = 1
     start = time.perf_counter()
     trainer.fit()

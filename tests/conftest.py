@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import struct
@@ -17,6 +18,19 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # Settings that keep a CLI run to a few seconds on a laptop CPU.
 FAST = ["trainer.max_epochs=3", "eval.iw_samples=8", "trainer.progress=false", "eval.nelbo_samples=2"]
+
+
+@pytest.fixture(autouse=True)
+def _logging_handlers_stay_with_their_test():
+    """In-process runs (cli.main, vaekit.train) let Hydra attach log handlers to the stderr
+    that pytest captures for that test; left in place they write into a closed stream later."""
+    loggers = [logging.getLogger(), logging.getLogger("vaekit")]
+    before = [list(logger.handlers) for logger in loggers]
+    yield
+    for logger, handlers in zip(loggers, before, strict=True):
+        for handler in logger.handlers[:]:
+            if handler not in handlers:
+                logger.removeHandler(handler)
 
 
 def compose_train(*overrides: str):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -73,38 +72,6 @@ def save_atomic(obj: Any, path: Path, also: Path | None = None) -> None:
         if twin is not None:
             twin.unlink(missing_ok=True)
         raise
-
-
-class BackgroundWriter:
-    """`save_atomic` in a thread, one write at a time, so an epoch's checkpoint is written
-    while the next epoch trains (the snapshot must not change after `submit`: Trainer's are
-    copies). `wait()` returns once the last write is on disk and raises its error, if any."""
-
-    def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def submit(self, obj: Any, path: Path, also: Path | None = None) -> None:
-        """Write `obj` as save_atomic does, after the previous write has finished."""
-        self.wait()
-
-        def write() -> None:
-            try:
-                save_atomic(obj, path, also=also)
-            except BaseException as error:  # handed to the main thread by wait()
-                self._error = error
-
-        self._thread = threading.Thread(target=write, name="vaekit-checkpoint", daemon=True)
-        self._thread.start()
-
-    def wait(self) -> None:
-        """Block until the pending write is done; re-raise its error in the caller."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -28,7 +28,7 @@ from vaekit.schema import TrainerConfig
 from vaekit.shards import split_noise
 from vaekit.syncs import checks_are_free
 from vaekit.training import rng_state
-from vaekit.training.checkpoint import CHECKPOINT_FORMAT, BackgroundWriter, load_weights, save_atomic
+from vaekit.training.checkpoint import CHECKPOINT_FORMAT, load_weights, save_atomic
 from vaekit.training.distributed import World, current
 from vaekit.training.ema import EMA
 from vaekit.training.epoch_log import EpochLog, epoch_line
@@ -121,7 +121,8 @@ class Trainer:
         # a plain dataclass: the loop reads its fields every step, and a DictConfig's
         # attribute access costs about 80 us each
         if OmegaConf.is_config(settings):  # a resumed run's node is not typed: merge it into the schema
-            settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConfig), settings))
+            values = OmegaConf.to_container(settings, resolve=True)  # interpolations need the root
+            settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConfig), values))
         self.settings = settings
         self.run_dir = run_dir
         self.logger = logger
@@ -140,7 +141,6 @@ class Trainer:
         profile_steps = settings.profile_steps if self.world.is_main else 0  # rank 0 writes the trace
         self.profiler = StepProfiler(profile_steps, run_dir / "profile", data.device)
         self.epoch_log = EpochLog()
-        self.writer = BackgroundWriter()
         self.guard = StepGuard(settings.max_nonfinite_steps, sync_free=False, device=data.device)
         self.lr = float(optimizer.param_groups[0]["lr"])  # the lr of the current epoch
 
@@ -183,7 +183,6 @@ class Trainer:
         finally:
             bar.close()
             self.profiler.close()
-            self.writer.wait()  # best.pt and last.pt are on disk when fit returns or raises
         self.world.barrier()  # the others read best.pt next: wait until rank 0 has written it
         if self.state.status == "early_stopped":
             st = self.state
@@ -406,7 +405,6 @@ class Trainer:
         self.state.status = "interrupted"
         snapshot = self.checkpoint()  # in every process: its sums are added up over them
         if self.world.is_main:
-            self.writer.wait()  # the epoch's own last.pt first, then this one over it
             save_atomic(snapshot, self.run_dir / "last.pt")
         raise Interrupted(
             f"stopped at epoch {self.state.epoch + 1}, step {self.progress.step} "
@@ -512,8 +510,8 @@ class Trainer:
         Returns the snapshot that was written (the roll-back target when it is finite)."""
         snapshot = self.checkpoint()
         best = self.run_dir / "best.pt" if also_best else None
-        if self.world.is_main:  # written while the next epoch trains
-            self.writer.submit(snapshot, self.run_dir / "last.pt", also=best)
+        if self.world.is_main:
+            save_atomic(snapshot, self.run_dir / "last.pt", also=best)
         return snapshot
 
 
