@@ -19,8 +19,8 @@ from vaekit.data import load_digits
 from vaekit.data.memory import split_checksum
 from vaekit.data.splits import first_examples
 from vaekit.errors import VaekitError
-from vaekit.overfit import OverfitCheck
 from vaekit.runs import load_run
+from vaekit.training.overfit import OverfitCheck
 
 EXPERIMENTS = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
 DEBUG_PRESETS = sorted(path.stem for path in (CONFIG_DIR / "debug").glob("*.yaml"))

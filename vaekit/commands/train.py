@@ -31,7 +31,6 @@ from vaekit.data.memory import changed_splits
 from vaekit.errors import RunStopped, VaekitError, describe_os_error
 from vaekit.evaluation.metrics import check_budget, evaluate_model
 from vaekit.loggers.select import check_loggers, make_logger
-from vaekit.overfit import OverfitCheck
 from vaekit.runs import write_json
 from vaekit.schema import register_schema
 from vaekit.training import distributed
@@ -40,6 +39,7 @@ from vaekit.training.determinism import make_deterministic
 from vaekit.training.distributed import SilentLogger
 from vaekit.training.flatten import FlatParameters
 from vaekit.training.lock import RunLock
+from vaekit.training.overfit import OverfitCheck
 from vaekit.training.precision import check_precision
 from vaekit.training.resume import register_resolvers, resumed_config
 from vaekit.training.schedule import build_schedule
