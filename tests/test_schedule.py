@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -10,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import cli_error, compose_train, read_events, run_vaekit
+from test_trainer import make_trainer as trainer_of
 
-from vaekit.build import build_dataset, build_model, device_data, instantiate_group
 from vaekit.errors import VaekitError
 from vaekit.evaluation.metrics import nelbo_terms
 from vaekit.rng import own_rng
@@ -19,7 +18,6 @@ from vaekit.training.checkpoint import load_checkpoint
 from vaekit.training.epoch_log import INTERVAL_S, EpochLog
 from vaekit.training.flatten import FlatParameters
 from vaekit.training.schedule import build_schedule
-from vaekit.training.signals import StopRequest
 from vaekit.training.trainer import VALIDATION_SEED, Trainer
 
 
@@ -79,18 +77,9 @@ class Recorder:
 
 
 def make_trainer(run_dir: Path, *overrides: str) -> Trainer:
-    quiet = ("trainer.progress=false", "trainer.log_images=false")
-    cfg = compose_train(*quiet, "model.latent_dim=4", *overrides)
-    raw = build_dataset(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg, raw)
-    data = device_data(raw, model, torch.device("cpu"))
-    flat = FlatParameters(model)
-    optimizer = instantiate_group(cfg.optimizer, "optimizer", params=[flat.param])
-    settings = copy.deepcopy(cfg.trainer)
-    schedule = build_schedule(cfg.scheduler)
-    logger, stop = Recorder(), StopRequest()
-    return Trainer(model, flat, optimizer, data, settings, run_dir, logger, {}, stop, 1000, schedule=schedule)
+    """test_trainer's Trainer, quiet, recording its scalars in memory."""
+    quiet = ("trainer.log_images=false",)
+    return trainer_of(run_dir, *quiet, *overrides, logger=Recorder())
 
 
 def test_the_trainer_steps_plateau_on_a_stalled_validation_nelbo(tmp_path):

@@ -15,11 +15,14 @@ from vaekit.syncs import SyncCounter
 from vaekit.training.checkpoint import load_checkpoint
 from vaekit.training.flatten import FlatParameters
 from vaekit.training.guard import POLL_EVERY
+from vaekit.training.schedule import build_schedule
 from vaekit.training.signals import StopRequest
 from vaekit.training.trainer import Diverged, Trainer
 
 
-def make_trainer(run_dir, *overrides):
+def make_trainer(run_dir, *overrides, logger=None):
+    """A digits Trainer (latent 4) of the composed config, its schedule included; TensorBoard
+    into run_dir unless another `logger` is given."""
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["trainer.progress=false", "model.latent_dim=4", *overrides])
     raw = build_dataset(cfg)
@@ -29,8 +32,10 @@ def make_trainer(run_dir, *overrides):
     flat = FlatParameters(model)
     optimizer = instantiate_group(cfg.optimizer, "optimizer", params=[flat.param])
     settings = copy.deepcopy(cfg.trainer)
-    logger = RunLogger(run_dir)
-    return Trainer(model, flat, optimizer, data, settings, run_dir, logger, {}, StopRequest(), 1000)
+    logger = RunLogger(run_dir) if logger is None else logger
+    schedule = build_schedule(cfg.scheduler)
+    stop = StopRequest()
+    return Trainer(model, flat, optimizer, data, settings, run_dir, logger, {}, stop, 1000, schedule=schedule)
 
 
 @pytest.fixture(params=["eager", "sync_free"])

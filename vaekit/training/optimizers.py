@@ -31,7 +31,13 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     moments: tuple[str, ...] = ()  # names of the per-element state buffers
 
-    def __init__(self, params: Any, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
+    default_lr = 1e-3
+
+    def __init__(
+        self, params: Any, lr: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 0.0,
+    ) -> None:  # fmt: skip
+        lr = self.default_lr if lr is None else lr
         if not 0.0 < lr or not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0 or eps < 0:
             raise VaekitError(
                 f"{type(self).__name__} needs lr > 0, 0 <= betas < 1 and eps >= 0; got lr={lr}, "
@@ -145,11 +151,7 @@ class FlatAdam(FlatOptimizer):
 
     moments = ("exp_avg", "exp_avg_sq")
 
-    def __init__(
-        self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8, weight_decay: float = 0.0,
-    ) -> None:  # fmt: skip
-        super().__init__(params, lr, betas, eps, weight_decay)
+    default_lr = 1e-3  # torch's
 
     def _update_in_place(self, param: Tensor, grad: Tensor, state: dict, group: dict, step: float) -> None:
         (beta1, beta2), lr = group["betas"], group["lr"]
@@ -175,11 +177,7 @@ class FlatAdamax(FlatOptimizer):
 
     moments = ("exp_avg", "exp_inf")
 
-    def __init__(
-        self, params: Any, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8, weight_decay: float = 0.0,
-    ) -> None:  # fmt: skip
-        super().__init__(params, lr, betas, eps, weight_decay)
+    default_lr = 2e-3  # torch's
 
     def _update_in_place(self, param: Tensor, grad: Tensor, state: dict, group: dict, step: float) -> None:
         (beta1, beta2), lr = group["betas"], group["lr"]
