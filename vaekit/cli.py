@@ -286,7 +286,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"vaekit: error: {error}", file=sys.stderr)
         sys.exit(1)
     sys.argv = [f"{sys.argv[0]} {command}", *rest]
-    train.hydra_main()  # a sweep's failed jobs are summarised by vaekit.commands.callbacks
+    finished = False
+    try:
+        train.hydra_main()  # a sweep's failed jobs are summarised by vaekit.commands.callbacks
+        finished = True
+    finally:
+        distributed.leave(finished)
 
 
 if __name__ == "__main__":

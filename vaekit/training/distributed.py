@@ -111,6 +111,18 @@ def join() -> World:
     return current()
 
 
+def leave(finished: bool) -> None:
+    """Leave the process group, if this process joined one: after a barrier when the run
+    `finished` (so no process exits while another still talks to it), at once after an error.
+    gloo's threads abort the process at exit ("terminate called without an active exception")
+    when the group is left standing."""
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def current() -> World:
     """This process's World: from the process group once joined, else a lone process."""
     if not dist.is_available() or not dist.is_initialized():
