@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -136,6 +137,7 @@ def check_settings(cfg: DictConfig) -> None:
             finite(t.free_bits) and t.free_bits >= 0,
             f"trainer.free_bits must be 0 or more, not {t.free_bits}.",
         ),
+        (finite(t.beta) and t.beta >= 0, f"trainer.beta must be a finite number, 0 or more, not {t.beta}."),
         (t.kl_warmup_epochs >= 0, f"trainer.kl_warmup_epochs must be 0 or more, not {t.kl_warmup_epochs}."),
         (t.max_rollbacks >= 0, f"trainer.max_rollbacks must be 0 or more, not {t.max_rollbacks}."),
         (
@@ -156,6 +158,10 @@ def check_settings(cfg: DictConfig) -> None:
             f"eval.nelbo_samples must be at least 1 (or null: all k draws), not {e.nelbo_samples}.",
         ),
         (e.batch_size >= 1, f"eval.batch_size must be at least 1, not {e.batch_size}."),
+        *(
+            (e[key] >= least, f"eval.{key} must be at least {least}, not {e[key]}.")
+            for key, least in AIS_MINIMUMS.items()
+        ),
         *limit_rules(cfg.data),
         (
             t.ema is None or (finite(t.ema) and 0 < t.ema < 1),
@@ -174,6 +180,14 @@ def check_settings(cfg: DictConfig) -> None:
     from vaekit.training.schedule import build_schedule
 
     build_schedule(cfg.get("scheduler"))  # the schedule checks its own settings, before anything is built
+    from vaekit.objectives import build_objective
+
+    objective = build_objective(cfg.get("objective"))  # its own settings, and how they combine
+    if objective.name == "iwae" and t.free_bits > 0:
+        raise VaekitError(
+            "trainer.free_bits floors each level's KL of the ELBO, which objective=iwae does not have: "
+            "set trainer.free_bits=0 or use objective=elbo."
+        )
 
 
 def instantiate_group(node: DictConfig, group: str, **kwargs: Any) -> Any:
@@ -228,10 +242,48 @@ def build_dataset(cfg: DictConfig) -> RawSplits:
     return first_examples(raw, feed.get("limit_train"), feed.get("limit_eval"))
 
 
+RBM_TARGET = "vaekit.image_rbm.ImageRBM"
+AIS_MINIMUMS = {"ais_chains": 1, "ais_betas": 2, "val_ais_chains": 1, "val_ais_betas": 2}  # chains, 0 and 1
+# the groups a model=rbm does not use, with their defaults (which it accepts, unused)
+VAE_ONLY_GROUPS = {"prior": "standard", "posterior": "gaussian", "net": "mlp", "objective": "elbo"}
+
+
+def is_rbm(cfg: DictConfig) -> bool:
+    """Whether the config's model is model=rbm (`vaekit.image_rbm.ImageRBM`)."""
+    return cfg.model.get("_target_") == RBM_TARGET
+
+
+def check_model_choices(cfg: DictConfig, choices: Any) -> None:
+    """Refuse, in one sentence, a VAE-only group or setting chosen beside model=rbm (`choices`:
+    Hydra's group -> option of the run)."""
+    if not is_rbm(cfg):
+        return
+    for group, default in VAE_ONLY_GROUPS.items():
+        chosen = choices.get(group) if choices else None
+        if chosen is not None and chosen != default:
+            raise VaekitError(f"model=rbm has no {group} to choose: drop {group}={chosen}.")
+    t = cfg.trainer
+    for key, default in (("beta", 1.0), ("free_bits", 0.0), ("kl_warmup_epochs", 0)):
+        if t[key] != default:
+            raise VaekitError(f"trainer.{key} weights a KL term, which model=rbm does not have: drop it.")
+    if t.devices > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise VaekitError(
+            "model=rbm trains in one process (its persistent chains are not shared): use trainer.devices=1."
+        )
+    if t.precision != "32":
+        raise VaekitError(f"model=rbm computes in float32: drop trainer.precision={t.precision}.")
+
+
 def build_model(cfg: DictConfig, raw: RawSplits) -> torch.nn.Module:
     """Model from the model, net, prior, posterior and likelihood groups, for this dataset."""
     likelihood = instantiate_group(cfg.likelihood, "likelihood")
     likelihood.check_dataset(raw.num_levels, raw.shape)
+    if is_rbm(cfg):  # no net, prior or posterior: the training split sets its data statistics
+        train = raw.train if isinstance(raw, RawSplits) else None  # None: the checkpoint's buffers follow
+        extra = {"data_shape": raw.shape, "likelihood": likelihood, "num_levels": raw.num_levels}
+        return instantiate_group(cfg.model, "model", train=train, **extra)
+    # model.conditional=true: the number of classes C comes from the data's labels 0..C-1
+    labels = {"num_classes": class_count(raw)} if cfg.model.get("conditional") else {}
     return instantiate_group(
         cfg.model,
         "model",
@@ -240,7 +292,32 @@ def build_model(cfg: DictConfig, raw: RawSplits) -> torch.nn.Module:
         prior=instantiate_group(cfg.prior, "prior"),
         make_posterior=instantiate_group(cfg.posterior, "posterior", _partial_=True),
         likelihood=likelihood,
+        **labels,
     )
+
+
+def class_count(raw: Any) -> int:
+    """The number of classes C of a labelled dataset (its largest label over the splits, plus 1),
+    for model.conditional=true; refuses, in one sentence naming the dataset, data without labels:
+    an image labelled -1 (outside every class folder) or a training split of one class only."""
+    if not isinstance(raw, RawSplits):  # a shape declared by a saved config: no labels to read
+        raise VaekitError("model.conditional=true needs the dataset's labels: load the run with its data.")
+    from vaekit.data.splits import SPLIT_NAMES
+
+    lowest = min(int(raw.labels(split).min()) for split in SPLIT_NAMES)
+    if lowest < 0:
+        raise VaekitError(
+            f"model.conditional=true needs a label for every image, but some images of {raw.name} have "
+            f"none (label {lowest}, as files outside the class folders get): label them, or set "
+            f"model.conditional=false."
+        )
+    if torch.unique(raw.train_labels).numel() < 2:
+        raise VaekitError(
+            f"model.conditional=true needs labelled data, but {raw.name} has no labels (every training "
+            f"image has label {int(raw.train_labels[0])}, as in an image folder without class folders): "
+            f"use a labelled dataset, or set model.conditional=false."
+        )
+    return max(int(raw.labels(split).max()) for split in SPLIT_NAMES) + 1
 
 
 def device_data(

@@ -97,7 +97,11 @@ def _sample_parser() -> argparse.ArgumentParser:
         epilog=(
             "--temperature T scales a Gaussian prior sample around the prior mean, z = m + T (z0 - m), "
             "i.e. N(m, T^2 S); for a Gaussian mixture (prior=mog) each sample is scaled around the mean "
-            "of the component it was drawn from. Other priors (flows, the sphere) refuse T != 1."
+            "of the component it was drawn from. Other priors (flows, the sphere) refuse T != 1. "
+            "A conditional run (model.conditional=true) draws prior samples of the --label classes in "
+            "turn; without --label every class in turn, one class per column (8 rows unless --n is "
+            "given). Its reconstructions and scatter use each test image's own label, --interpolate "
+            "joins two test images of one class, --manifold decodes the plane of one --label class."
         ),
     )
     _add_run_arguments(parser, seed=0)
@@ -144,6 +148,14 @@ def _sample_parser() -> argparse.ArgumentParser:
         help="points per interpolation (default 10) or manifold grid side (default 20)",
     )
     parser.add_argument("--temperature", type=float, default=None, help="prior temperature (default 1)")
+    parser.add_argument(
+        "--label",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="conditional runs: the class(es) 0..C-1 to draw (default: every class in turn)",
+    )
     parser.add_argument(
         "--out", type=Path, default=None, help="PNG file to write (default RUN_DIR/<mode>.png)"
     )
@@ -219,6 +231,7 @@ def _sample(args: argparse.Namespace) -> None:
         args.seed,
         args.device,
         args.trust,
+        labels=args.label,
     )
     print(f"wrote {path}")
 

@@ -101,6 +101,16 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
+def check_unconditional(conditional: bool, model: str) -> None:
+    """Refuse, in one sentence, model.conditional=true for a hierarchical model (`model` its option;
+    the constructors' num_classes, passed with it by `vaekit.build`, is never used)."""
+    if conditional:
+        raise VaekitError(
+            f"model.conditional=true is built for model=vae (the one-level VAE), not for model={model}: "
+            f"use model=vae or model.conditional=false."
+        )
+
+
 class HierarchicalVAE(nn.Module):
     """What both hierarchical models share: p(x|z_1), p(z_N) (`prior`), q(z_N|.) (`posterior`),
     the importance-weighted likelihood over all levels jointly, and sampling.
@@ -194,7 +204,10 @@ class TwoLevelVAE(HierarchicalVAE):
         make_posterior: Callable[..., Posterior],
         likelihood: Likelihood,
         latent_dim: int | None = None,
+        conditional: bool = False,
+        num_classes: int = 0,
     ) -> None:
+        check_unconditional(conditional, "twolevel")
         sizes = check_sizes(latent_dims, 2, latent_dim)
         super().__init__(sizes, data_shape, net, prior, likelihood)
         l1, l2 = sizes
@@ -284,7 +297,10 @@ class TopDownVAE(HierarchicalVAE):
         make_posterior: Callable[..., Posterior],
         likelihood: Likelihood,
         latent_dim: int | None = None,
+        conditional: bool = False,
+        num_classes: int = 0,
     ) -> None:
+        check_unconditional(conditional, "topdown")
         sizes = check_sizes(latent_dims, levels, latent_dim)
         super().__init__(sizes, data_shape, net, prior, likelihood)
         hidden = self.hidden_dim

@@ -29,19 +29,24 @@ def require_one_level(model: nn.Module, what: str) -> None:
 
 
 @torch.no_grad()
-def posterior_means(model: nn.Module, x: Tensor, batch_size: int) -> dict[str, Tensor]:
+def posterior_means(
+    model: nn.Module, x: Tensor, batch_size: int, y: Tensor | None = None
+) -> dict[str, Tensor]:
     """Posterior means E_q[z|x] of every latent level over x (N, *shape): level -> (N, L_level).
 
     A model with several levels may offer `posterior_means(x) -> {level: (B, L)}`; the
-    one-level VAE gives {"z": q_z(x).mean}.
+    one-level VAE gives {"z": q_z(x).mean}. `y` (N,): the labels of x, for a conditional model
+    (E_q[z|x, y]), batched alongside x.
     """
     per_level: dict[str, list[Tensor]] = {}
+    label_batches = batches(y, batch_size) if y is not None else None
     for xb in batches(x, batch_size):
+        labels = {} if label_batches is None else {"y": next(label_batches)}  # xb's labels
         if hasattr(model, "posterior_means"):
-            means = model.posterior_means(xb)
+            means = model.posterior_means(xb, **labels)
         else:
             require_one_level(model, "Reading the posterior means")
-            means = {"z": mean_of(model.q_z(xb))}
+            means = {"z": mean_of(model.q_z(xb, **labels))}
         for level, mean in means.items():
             per_level.setdefault(level, []).append(mean)
     return {level: torch.cat(parts) for level, parts in per_level.items()}

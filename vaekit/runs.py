@@ -250,7 +250,8 @@ def load_run(
     device_option: str = "--device",
 ) -> Run:
     """Rebuild the model of `run_dir/<which>.pt` (best or last) from the resolved config saved
-    inside it; with `lazy`, the data is loaded (and checked) on first use of `.raw` or `.data`.
+    inside it; with `lazy`, the data is loaded (and checked) on first use of `.raw` or `.data`
+    (a conditional VAE's at once: the number of classes it is built for comes from the labels).
 
     The checkpoint is read with weights_only=True, and its config may name only vaekit's and
     torch.optim's classes (plus modules under the `trust` prefixes: vaekit/trust.py), so a
@@ -287,6 +288,8 @@ def load_run(
     check_trusted(checkpoint["config"], path, trust)
     config = _config_errors(path, lambda: OmegaConf.create(upgrade_config(checkpoint["config"])))
     _config_errors(path, _locate_dataset_root, config, run_dir)
+    # a conditional VAE's size follows the data's classes: its data is loaded to build it
+    lazy = lazy and not _config_errors(path, lambda: bool(config.model.get("conditional")))
     shape = _config_errors(path, declared_shape, config) if lazy else None
     raw = None if shape is not None else _config_errors(path, _build_dataset, config)
     model = _config_errors(path, build_model, config, raw if raw is not None else shape)

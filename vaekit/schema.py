@@ -29,7 +29,8 @@ class TrainerConfig:
     seed: int = 0
     compile: bool = False  # torch.compile the model's forward pass
     deterministic: bool = False  # GPU runs that repeat bitwise: deterministic kernels, no TF32
-    kl_warmup_epochs: int = 0  # beta rises linearly from 0 to 1 over this many epochs; 0 = off
+    beta: float = 1.0  # weight of the KL in the loss only (beta-VAE); metrics use the true NELBO
+    kl_warmup_epochs: int = 0  # the KL weight rises linearly from 0 to beta over this many epochs; 0 = off
     free_bits: float = 0.0  # floor on each level's KL in the loss, nats per example; 0 = off
     grad_clip: float | None = None  # clip the gradient norm to this; None = no clipping
     max_nonfinite_steps: int = 5  # non-finite steps in a row that trigger a roll-back
@@ -55,6 +56,10 @@ class EvalConfig:
     nelbo_samples: int | None = None  # the test NELBO's draws: the first n of the IW-NLL's; None: all k
     batch_size: int = 1000  # examples per forward pass, in validation and in the final evaluation
     seed: int = 0  # seeds each stage of the final evaluation, as `vaekit evaluate --seed` does
+    ais_chains: int = 100  # model=rbm: AIS chains of the test log Z (Salakhutdinov & Murray, 2008)
+    ais_betas: int = 10000  # ... and its intermediate distributions, 0 and 1 included
+    val_ais_chains: int = 16  # model=rbm: the validation NLL's short AIS, every epoch
+    val_ais_betas: int = 1000
 
 
 @dataclass
@@ -99,6 +104,7 @@ class TrainConfig:
     net: Any = MISSING
     optimizer: Any = MISSING
     scheduler: Any = None  # the lr schedule's plain settings (vaekit/training/schedule.py); None = none
+    objective: Any = None  # the loss's plain settings (vaekit/objectives.py); None = the ELBO
     resume: str | None = None  # a run directory whose last.pt to continue from
     trust: list[str] = field(default_factory=list)  # module prefixes a resumed config may build from
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -137,6 +143,7 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
     """
     config = copy.deepcopy(config)
     config.setdefault("logger", "tensorboard")  # runs from before vaekit had other loggers
+    config.setdefault("objective", {"name": "elbo"})  # runs from before vaekit had other objectives
     sections = {
         "trainer": TrainerConfig(),
         "eval": EvalConfig(),

@@ -37,6 +37,7 @@ VAEKIT_TARGETS = frozenset(
         "vaekit.models.VAE",
         "vaekit.hierarchical.TwoLevelVAE",
         "vaekit.hierarchical.TopDownVAE",
+        "vaekit.image_rbm.ImageRBM",
         "vaekit.priors.StandardPrior",
         "vaekit.priors.MixtureOfGaussiansPrior",
         "vaekit.priors.VampPrior",

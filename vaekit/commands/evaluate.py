@@ -70,7 +70,9 @@ def score_run(
     x = run.data.test if split == "test" else run.data.val
     check_budget(x.shape[0], k, "--k")
     check_budget(x.shape[0], nelbo_samples, "--nelbo-samples")
-    metrics, _ = evaluate_model(run.model, x, k, nelbo_samples, batch_size, seed, progress)
+    conditional = getattr(run.model, "conditional", False)  # model.conditional=true: log p(x|y)
+    y = (run.data.test_labels if split == "test" else run.data.val_labels) if conditional else None
+    metrics, _ = evaluate_model(run.model, x, k, nelbo_samples, batch_size, seed, progress, y=y)
     result: dict[str, Any] = {
         "run_dir": str(run.run_dir),
         "checkpoint": run.checkpoint.name,
@@ -84,6 +86,7 @@ def score_run(
         "device": str(run.device),
         "checksum": run.data.checksums[split],  # of the split as scored: the same on every device
         **metrics,
+        **({"conditional": True} if conditional else {}),  # its NELBO and IW-NLL are of log p(x|y)
     }
     result["active_units_total"] = sum(result["active_units"].values())
     path = result_path(run.run_dir, split, k, run.checkpoint.name)
@@ -125,6 +128,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['run_dir']} ({result['checkpoint']}, epoch {result['epoch']}) on {result['split']}: "
         f"{result['num_examples']} examples, seed {result['seed']}, {result['device']}"
     )
+    if result.get("conditional"):
+        heading += " (conditional: NELBO and IW-NLL of log p(x|y))"
     lines = [heading, "", f"| {'metric':<{width}} | {'value':>{value_width}} |"]
     lines.append(f"|{'-' * (width + 2)}|{'-' * (value_width + 1)}:|")
     lines += [f"| {name:<{width}} | {value:>{value_width}} |" for name, value in rows]

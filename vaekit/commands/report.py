@@ -36,6 +36,7 @@ METRIC_COLUMNS = (  # (key in metrics.json, markdown heading, format)
 )
 CURVE_TAG = "val/nelbo"
 STATUS_ORDER = {"finished": 0, "early_stopped": 0, "running": 1, "failed": 2}
+CONDITIONAL_NOTE = "(conditional: log p(x|y))"  # the note of a model.conditional=true run's row
 
 
 @dataclass
@@ -121,6 +122,8 @@ def _read_metrics(run_dir: Path, root: Path) -> RunRecord:
         return RunRecord(run_dir, name, overrides, "unreadable", note="metrics.json is not an object")
     status = str(metrics.get("status", "finished"))
     note = str(metrics.get("reason", "")) if status == "failed" else ""
+    if metrics.get("conditional") is True:  # model.conditional=true: not comparable with log p(x)
+        note = f"{note}; {CONDITIONAL_NOTE}" if note else CONDITIONAL_NOTE
     return RunRecord(run_dir, name, overrides, status, metrics, note)
 
 

@@ -3,6 +3,11 @@
 Modes: prior samples (default, with an optional temperature), test images beside their
 reconstructions, interpolations between test images in latent space, and for 2-D latents
 the decoded latent manifold and a scatter of test-set posterior means coloured by label.
+
+A conditional run (model.conditional=true) decodes with labels: prior samples of the --label
+classes in turn (default every class, one per column), reconstructions and the scatter with
+each test image's own label, interpolations between two test images of one class, and the
+manifold of the one --label class.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ DEFAULT_STEPS = {"interpolate": 10, "manifold": 20}
 MAX_FIGURE_IMAGES = 4096  # a 64 x 64 grid: beyond it a figure is unreadable and memory grows
 MANIFOLD_QUANTILES = (0.05, 0.95)  # the grid spans these prior quantiles in each dimension
 EMPIRICAL_QUANTILE_SAMPLES = 20000
+MAX_CLASS_COLUMNS = 16  # a conditional run's samples: one column per class for up to this many
+CLASS_ROWS = 8  # rows of such a grid when --n is not given
 
 
 def _is_gaussian(distribution: Distribution) -> bool:
@@ -72,19 +79,65 @@ def tempered_prior_sample(p_z: Distribution, n: int, temperature: float) -> Tens
 
 
 @torch.no_grad()
-def decode(model: nn.Module, z: Tensor) -> Tensor:
-    """Mean of p(x|z) for latent codes z (N, L): images (N, C, H, W)."""
-    return model.p_x(z).mean
+def decode(model: nn.Module, z: Tensor, y: Tensor | None = None) -> Tensor:
+    """Mean of p(x|z) for latent codes z (N, L): images (N, C, H, W); of p(x|z, y) given the
+    labels y (N,) for a conditional model."""
+    return (model.p_x(z) if y is None else model.p_x(z, y)).mean
+
+
+def is_conditional(model: nn.Module) -> bool:
+    """Whether the model is a conditional VAE (model.conditional=true): it decodes given labels."""
+    return bool(getattr(model, "conditional", False))
+
+
+def check_labels(model: nn.Module, labels: Sequence[int] | None) -> list[int] | None:
+    """The --label classes for this run's model, checked: one sentence for labels given to an
+    unconditional run, or a label outside 0..C-1. None when none were given."""
+    if labels is None:
+        return None
+    if not is_conditional(model):
+        raise VaekitError(
+            "--label applies to conditional runs (trained with model.conditional=true), "
+            "and this run is not one."
+        )
+    bad = [label for label in labels if not 0 <= label < model.num_classes]
+    if bad:
+        raise VaekitError(
+            f"--label {bad[0]} is not a class of this run: its labels are 0..{model.num_classes - 1}."
+        )
+    return list(labels)
+
+
+def sample_classes(model: nn.Module, labels: Sequence[int] | None) -> list[int] | None:
+    """The classes prior samples cycle through: the --label classes, or every class of a
+    conditional model; None for an unconditional one."""
+    if not is_conditional(model):
+        return None
+    return list(labels) if labels is not None else list(range(model.num_classes))
+
+
+def class_columns(classes: Sequence[int] | None) -> int | None:
+    """Images per row that put one class per column (several classes, at most MAX_CLASS_COLUMNS)."""
+    if classes is None or not 1 < len(classes) <= MAX_CLASS_COLUMNS:
+        return None
+    return len(classes)
 
 
 @torch.no_grad()
-def samples(run: LoadedRun, n: int, temperature: float = 1.0) -> Tensor:
-    """n images (n, C, H, W): means of p(x|z) for z from the (tempered) prior."""
+def samples(
+    run: LoadedRun, n: int, temperature: float = 1.0, labels: Sequence[int] | None = None
+) -> Tensor:
+    """n images (n, C, H, W): means of p(x|z) for z from the (tempered) prior; a conditional
+    model's of p(x|z, y) for y the classes of `sample_classes` in turn, y_i = classes[i mod len]."""
     model = run.model
+    classes = sample_classes(model, labels)
+    y = None
+    if classes is not None:
+        y = torch.tensor(classes, dtype=torch.long)[torch.arange(n) % len(classes)].to(run.device)  # (n,)
     if temperature == 1.0:
-        return model.sample(n)  # any model: its own ancestral sampler
+        return model.sample(n) if y is None else model.sample(n, y=y)  # any model: its own sampler
     require_one_level(model, "--temperature")
-    return decode(model, tempered_prior_sample(model.prior(), n, temperature))
+    return decode(model, tempered_prior_sample(model.prior(), n, temperature), y)
 
 
 @torch.no_grad()
@@ -95,7 +148,10 @@ def reconstructions(run: LoadedRun, n: int) -> tuple[Tensor, int]:
     the number of images per row.
     """
     x = run.data.test[:n]
-    x_hat = run.model.reconstruct(x)
+    if is_conditional(run.model):  # each test image with its own label
+        x_hat = run.model.reconstruct(x, y=run.data.test_labels[:n])
+    else:
+        x_hat = run.model.reconstruct(x)
     per_row = min(8, x.shape[0])
     rows = []
     for start in range(0, x.shape[0], per_row):
@@ -109,11 +165,15 @@ def reconstructions(run: LoadedRun, n: int) -> tuple[Tensor, int]:
 
 
 @torch.no_grad()
-def interpolations(run: LoadedRun, rows: int, steps: int, seed: int) -> Tensor:
+def interpolations(
+    run: LoadedRun, rows: int, steps: int, seed: int, labels: Sequence[int] | None = None
+) -> Tensor:
     """rows x (steps + 2) images: test image a, decodings from a's to b's latent mean, image b.
 
     Pairs of test images are drawn with `seed`. The path is the straight line between the
-    posterior means, or the great circle (slerp) when the posterior lives on the sphere.
+    posterior means, or the great circle (slerp) when the posterior lives on the sphere. A
+    conditional model's pairs are two test images of one class (of `labels`, default any),
+    encoded and decoded with that label.
     """
     model = run.model
     require_one_level(model, "--interpolate")
@@ -121,14 +181,44 @@ def interpolations(run: LoadedRun, rows: int, steps: int, seed: int) -> Tensor:
     if x.shape[0] < 2:
         raise VaekitError("--interpolate needs at least two test images.")
     generator = torch.Generator().manual_seed(seed)
-    picks = [torch.randperm(x.shape[0], generator=generator)[:2] for _ in range(rows)]
-    pairs = x[torch.stack(picks).to(x.device)]  # (rows, 2, C, H, W)
-    means = mean_of(model.q_z(pairs.flatten(0, 1))).view(rows, 2, -1)  # (rows, 2, L)
+    if is_conditional(model):
+        picks = same_class_pairs(run.data.test_labels.cpu(), rows, labels, generator)
+    else:
+        picks = [torch.randperm(x.shape[0], generator=generator)[:2] for _ in range(rows)]
+    index = torch.stack(picks).to(x.device)  # (rows, 2)
+    pairs = x[index]  # (rows, 2, C, H, W)
+    y = run.data.test_labels[index] if is_conditional(model) else None  # (rows, 2): one class per row
+    given = {} if y is None else {"y": y.flatten()}
+    means = mean_of(model.q_z(pairs.flatten(0, 1), **given)).view(rows, 2, -1)  # (rows, 2, L)
     path = slerp if getattr(model.posterior, "on_sphere", False) else lerp
     tiles = []
-    for (a, b), (za, zb) in zip(pairs, means, strict=True):
-        tiles += [a[None], decode(model, path(za, zb, steps)), b[None]]
+    for row, ((a, b), (za, zb)) in enumerate(zip(pairs, means, strict=True)):
+        path_labels = None if y is None else y[row, 0].expand(steps)
+        tiles += [a[None], decode(model, path(za, zb, steps), path_labels), b[None]]
     return torch.cat(tiles)
+
+
+def same_class_pairs(
+    labels: Tensor, rows: int, allowed: Sequence[int] | None, generator: torch.Generator
+) -> list[Tensor]:
+    """`rows` pairs of indices (2,) of distinct test images with the same label (one of
+    `allowed`, default any), drawn from `generator`; one sentence when no class has two."""
+    counts = torch.bincount(labels)
+    usable = counts[labels] >= 2  # (N,) images with another of their class
+    if allowed is not None:
+        usable &= torch.isin(labels, torch.tensor(list(allowed), dtype=labels.dtype))
+    if not usable.any():
+        raise VaekitError(
+            "--interpolate of a conditional run needs two test images of one class (of --label), "
+            "and the test split has none: choose another --label."
+        )
+    picks = []
+    for _ in range(rows):
+        order = torch.randperm(labels.shape[0], generator=generator)
+        a = order[usable[order]][0]
+        b = order[(labels[order] == labels[a]) & (order != a)][0]
+        picks.append(torch.stack([a, b]))
+    return picks
 
 
 def _require_plane(run: LoadedRun, what: str) -> None:
@@ -158,10 +248,19 @@ def manifold_axes(p_z: Distribution, steps: int) -> Tensor:
 
 
 @torch.no_grad()
-def manifold(run: LoadedRun, steps: int) -> Tensor:
-    """steps x steps decodings over the latent plane; z[0] grows to the right, z[1] upwards."""
+def manifold(run: LoadedRun, steps: int, labels: Sequence[int] | None = None) -> Tensor:
+    """steps x steps decodings over the latent plane; z[0] grows to the right, z[1] upwards.
+    A conditional model decodes the plane for the one class of `labels`."""
     _require_plane(run, "--manifold")
     model = run.model
+    y = None
+    if is_conditional(model):
+        if labels is None or len(labels) != 1:
+            raise VaekitError(
+                f"--manifold of a conditional run decodes the plane for one class: add one --label N "
+                f"(N in 0..{model.num_classes - 1})."
+            )
+        y = torch.full((steps * steps,), labels[0], dtype=torch.long, device=run.device)
     if getattr(model.posterior, "on_sphere", False):
         raise VaekitError(
             "--manifold decodes a grid over the plane, but this run's latent lives on the circle."
@@ -169,7 +268,7 @@ def manifold(run: LoadedRun, steps: int) -> Tensor:
     axes = manifold_axes(model.prior(), steps)  # (2, steps)
     z1, z0 = torch.meshgrid(axes[1].flip(0), axes[0], indexing="ij")  # top row: largest z[1]
     z = torch.stack([z0.reshape(-1), z1.reshape(-1)], dim=1).to(run.device)  # (steps^2, 2)
-    return decode(model, z)
+    return decode(model, z, y)
 
 
 def sample_figure(
@@ -182,14 +281,26 @@ def sample_figure(
     seed: int = 0,
     device: str = "auto",
     trust: Sequence[str] = (),
+    labels: Sequence[int] | None = None,
 ) -> Path:
     """Draw one figure of `run_dir/best.pt` as a PNG; returns its path.
 
     Defaults: n = 64 samples, 32 reconstructed test images, 8 interpolation rows; steps =
-    10 points per interpolation, a 20 x 20 manifold; out = <run_dir>/<mode>.png.
+    10 points per interpolation, a 20 x 20 manifold; out = <run_dir>/<mode>.png. `labels`
+    (--label): the classes of a conditional run (model.conditional=true) to sample, interpolate
+    within or (one) to decode the manifold of; its prior samples default to every class in turn,
+    one class per column (8 rows of them unless n is given).
     """
     if mode not in MODES:
         raise VaekitError(f"mode must be one of {', '.join(MODES)}, not {mode}.")
+    if labels is not None and mode in ("reconstruct", "scatter"):
+        raise VaekitError(
+            f"--label applies to prior samples, --interpolate and --manifold; --{mode} uses each test "
+            f"image's own label."
+        )
+    if labels is not None and len(labels) == 0:
+        raise VaekitError("--label needs at least one class.")
+    n_given = n is not None
     n = DEFAULT_N.get(mode, 0) if n is None else n
     steps = DEFAULT_STEPS.get(mode, 0) if steps is None else steps
     if mode in DEFAULT_N and n < 1:
@@ -218,19 +329,24 @@ def sample_figure(
         raise VaekitError(
             f"vaekit sample draws images, but this run's data have shape {list(run.data.shape)}."
         )
+    labels = check_labels(run.model, labels)
     out = Path(out) if out is not None else run.run_dir / f"{mode}.png"
     torch.manual_seed(seed)
     if mode == "samples":
-        return save_grid(samples(run, n, temperature), out, nrow=min(8, n))
+        columns = class_columns(sample_classes(run.model, labels))  # a conditional run: a class per column
+        if columns is not None and not n_given:
+            n = CLASS_ROWS * columns
+        return save_grid(samples(run, n, temperature, labels), out, nrow=columns or min(8, n))
     if mode == "reconstruct":
         images, per_row = reconstructions(run, n)
         return save_grid(images, out, nrow=per_row)
     if mode == "interpolate":
-        return save_grid(interpolations(run, n, steps, seed), out, nrow=steps + 2)
+        return save_grid(interpolations(run, n, steps, seed, labels), out, nrow=steps + 2)
     if mode == "manifold":
-        return save_grid(manifold(run, steps), out, nrow=steps)
+        return save_grid(manifold(run, steps, labels), out, nrow=steps)
     _require_plane(run, "--scatter")
-    means = posterior_means(run.model, run.data.test, 1000)
+    given = {"y": run.data.test_labels} if is_conditional(run.model) else {}
+    means = posterior_means(run.model, run.data.test, 1000, **given)
     points = next(iter(means.values())).cpu().numpy()
     labels = run.raw.test_labels.cpu().numpy()
     title = f"test-set posterior means: {run.run_dir.name} (epoch {run.epoch})"

@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vaekit.build import build, check_settings, instantiate_group, resolve_device
+from vaekit.build import build, check_model_choices, check_settings, instantiate_group, is_rbm, resolve_device
 from vaekit.commands.rerun import find_rerun
 from vaekit.commands.threads import set_job_threads
 from vaekit.data import DeviceData
@@ -31,6 +31,7 @@ from vaekit.data.memory import changed_splits
 from vaekit.errors import RunStopped, VaekitError, describe_os_error
 from vaekit.evaluation.metrics import check_budget, evaluate_model
 from vaekit.loggers.select import check_loggers, make_logger
+from vaekit.objectives import build_objective, objective_for
 from vaekit.runs import write_json
 from vaekit.schema import register_schema
 from vaekit.training import distributed
@@ -73,12 +74,15 @@ def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 def fit_fields(state: Any, cfg: DictConfig, data: DeviceData) -> dict[str, Any]:
     """The metrics.json fields that describe the fit itself, and the checksums of the data it
     was trained and scored on (`vaekit report` ranks only runs of one test set)."""
+    # nelbo, iwae for objective=iwae, nll (a short AIS) for model=rbm
+    watched = "nll" if is_rbm(cfg) else build_objective(cfg.get("objective")).stopping_key
     return {
         "best_epoch": state.best_epoch,
         "epochs": state.epoch,
         "train_seconds": state.train_seconds,
         "seconds_per_epoch": state.train_seconds / max(state.epoch, 1),
-        "val_nelbo": state.best_val,
+        f"val_{watched}": state.best_val,  # the best validation number early stopping watched
+        "stopped_on": watched,
         "nonfinite_steps": state.nonfinite_total,
         "rollbacks": state.rollbacks,
         "status": state.status,
@@ -87,6 +91,8 @@ def fit_fields(state: Any, cfg: DictConfig, data: DeviceData) -> dict[str, Any]:
         "iw_samples": cfg.eval.iw_samples,
         "nelbo_samples": cfg.eval.nelbo_samples or cfg.eval.iw_samples,
         "data_checksums": dict(data.checksums),
+        # model.conditional=true: the test NELBO and IW-NLL are of log p(x|y), not comparable with log p(x)
+        **({"conditional": True} if cfg.model.get("conditional") else {}),
     }
 
 
@@ -135,7 +141,8 @@ def train(
     check_budget(data.test.shape[0], cfg.eval.nelbo_samples, "eval.nelbo_samples")
     if checkpoint is not None:
         check_same_data(checkpoint, data, Path(cfg.resume) / "last.pt")
-    model.prior.initialize_from_data(data.train)
+    if hasattr(model, "prior"):  # model=rbm has none
+        model.prior.initialize_from_data(data.train)
     flat = FlatParameters(model)  # the optimizer sees one tensor: few kernels per step
     world.broadcast_model(model)  # several processes start from rank 0's weights
     optimizer = instantiate_group(cfg.optimizer, "optimizer", params=[flat.param])
@@ -167,6 +174,7 @@ def fit_and_evaluate(
 
     model, data, device = built.model, built.data, built.device
     resumed_epoch = checkpoint["fit_state"]["epoch"] if checkpoint else None
+    objective = objective_for(cfg.get("objective"), model, cfg.eval)  # an RBM's: contrastive divergence
     stop = StopRequest()
     trainer = Trainer(
         model,
@@ -180,6 +188,7 @@ def fit_and_evaluate(
         stop,
         cfg.eval.batch_size,
         schedule=build_schedule(cfg.get("scheduler")),
+        objective=objective,
     )
     if checkpoint is not None:
         trainer.restore(checkpoint, Path(cfg.resume) / "last.pt")
@@ -267,13 +276,25 @@ def evaluate_best(
     e = cfg.eval
     shard = distributed.current().shard  # several processes: each scores its block of the test split
     progress = cfg.trainer.progress and shard is None
+    conditional = getattr(model, "conditional", False)  # model.conditional=true: scored given the labels
     metrics, means = evaluate_model(
-        model, data.test, e.iw_samples, e.nelbo_samples, e.batch_size, e.seed, progress, shard=shard
+        model,
+        data.test,
+        e.iw_samples,
+        e.nelbo_samples,
+        e.batch_size,
+        e.seed,
+        progress,
+        shard=shard,
+        y=data.test_labels if conditional else None,
+        ais_chains=e.ais_chains,
+        ais_betas=e.ais_betas,
     )
     clock.lap("test metrics")
     if cfg.trainer.log_images:
         draw = cfg.trainer.images == "sample"
-        logger.images(model, data.val, best_epoch, draw=draw)  # the grids of the model that is evaluated
+        val_labels = data.val_labels if conditional else None  # reconstructions given their labels
+        logger.images(model, data.val, best_epoch, draw=draw, y=val_labels)  # the model that is evaluated
         clock.lap("image grids")
         for level, mean in means.items():
             tag = "latent_means" if len(means) == 1 else f"latent_means_{level}"
@@ -305,9 +326,18 @@ class StageClock:
 
 def summary_line(metrics: dict[str, Any], run_dir: Path) -> str:
     """The one line printed at the end of a run."""
+    if metrics.get("test_estimator") == "ais":  # model=rbm: no NELBO; the NLL with its error
+        scores = (
+            f"test NLL (AIS, {metrics['test_ais_chains']} chains) {metrics['test_iw_nll']:.2f} "
+            f"+- {metrics['test_iw_nll_stderr']:.2f}"
+        )
+    else:
+        scores = (
+            f"test NELBO {metrics['test_nelbo']:.2f} | IW-NLL (k={metrics['iw_samples']}) "
+            f"{metrics['test_iw_nll']:.2f}"
+        )
     return (
-        f"test NELBO {metrics['test_nelbo']:.2f} | IW-NLL (k={metrics['iw_samples']}) "
-        f"{metrics['test_iw_nll']:.2f} | bits/dim {metrics['test_bpd']:.4f} | "
+        f"{scores} | bits/dim {metrics['test_bpd']:.4f} | "
         f"best epoch {metrics['best_epoch']}/{metrics['epochs']} ({metrics['status']}) | "
         f"{metrics['train_seconds']:.1f} s | run: {run_dir}"
     )
@@ -399,6 +429,8 @@ def train_job(cfg: DictConfig, hydra_cfg: Any, run_dir: Path, record: dict[str, 
     run_dir = distributed.share_run_dir(run_dir)  # several processes: rank 0's
     if not distributed.current().is_main:
         record = {}  # failures are recorded by rank 0 alone
+    if not cfg.resume:  # a resumed run keeps the saved choices
+        check_model_choices(cfg, hydra_cfg.runtime.choices)  # model=rbm: no prior, posterior, net
     with RunLock(run_dir) if distributed.holds_lock() else contextlib.nullcontext():
         checkpoint, on_fit_start = None, None
         if cfg.resume:  # refused until fitting starts: nothing of the run changes
@@ -468,5 +500,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
         return None
     if distributed.prints_summary():
         print(summary_line(metrics, run_dir), flush=True)
-    value = metrics.get("val_nelbo")  # the best validation NELBO: sweepers never select on the test set
+    # the best validation bound of the objective trained: sweepers never select on the test set
+    value = metrics.get(f"val_{metrics.get('stopped_on', 'nelbo')}")
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

@@ -42,6 +42,8 @@ class DeviceData:
         self.train = self._place_train(raw, scale)  # (N, C, H, W)
         self.val = val.to(device)
         self.test = test.to(device)
+        self.train_labels = raw.train_labels.to(device)  # (N,) int64, for conditional models
+        self.val_labels = raw.val_labels.to(device)
         self.test_labels = raw.test_labels.to(device)
         scored = {"val": val, "test": test} if binarize else {"val": raw.val, "test": raw.test}
         self.checksums = {"train": split_checksum(raw.train)}
@@ -77,6 +79,16 @@ class DeviceData:
         rows = shard.rows(index.shape[0]) if shard is not None else None
         x = self.train[index if rows is None else index[rows]]
         return self.binarized(x, generator, index.shape[0], rows) if self.binarize else x
+
+    def train_labels_batch(
+        self, perm: Tensor, step: int, batch_size: int, shard: Shard | None = None
+    ) -> Tensor:
+        """The labels (B,) int64 on the device of exactly the rows `train_batch(perm, step,
+        batch_size, ..., shard)` returns, in their order (a conditional model's y)."""
+        index = perm[step * batch_size : (step + 1) * batch_size]
+        rows = shard.rows(index.shape[0]) if shard is not None else None
+        index = index if rows is None else index[rows]
+        return self.train_labels[index.to(self.train_labels.device)]
 
     def binarized(
         self, x: Tensor, generator: torch.Generator, total: int | None = None, rows: slice | None = None

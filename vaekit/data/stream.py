@@ -70,7 +70,9 @@ class StreamedData(DeviceData):
     """`DeviceData` whose training split is streamed from host memory (see the module doc).
 
     `num_workers` DataLoader workers gather the uint8 rows of each batch (0: the main process
-    does); on a GPU the rows travel through pinned memory with a non-blocking copy.
+    does); on a GPU the rows travel through pinned memory with a non-blocking copy. The labels
+    (small) stay resident on the device: `train_labels_batch` is DeviceData's, the same rows of
+    the same permutation (and shard) that the loader gathers.
     """
 
     def __init__(self, raw: RawSplits, device: torch.device, binarize: bool, num_workers: int) -> None:

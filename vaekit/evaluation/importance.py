@@ -63,6 +63,7 @@ def importance_estimates(
     chunk_elements: int | None = None,
     progress: bool = True,
     shard: Shard | None = None,
+    y: Tensor | None = None,
 ) -> dict[str, float]:
     """Mean per-example IW-NLL (k draws) and NELBO, rec, kl, kl/<level> (the first
     `nelbo_draws` draws; None: all k) of `model` (eval mode) on x (N, *shape), in nats.
@@ -71,11 +72,13 @@ def importance_estimates(
     terminal only. With `shard` (one of several processes, each holding all of x) this process
     takes its contiguous block of x (`shard.rows`), and the sums are added up over processes
     (`shard.reduce`) before the means over all N examples: the same estimator, each example's
-    draws coming from the stream of the process that scores it.
+    draws coming from the stream of the process that scores it. `y` (N,): the labels of x for a
+    conditional model, split and sharded as x is (the estimates are then of log p(x|y)).
     """
     num_examples = x.shape[0]
     if shard is not None:
         x = x[shard.rows(num_examples)]
+        y = None if y is None else y[shard.rows(num_examples)]
     n = k if nelbo_draws is None else nelbo_draws
     total_draws = max(k, n)
     elements = chunk_elements or default_chunk_elements(x.device)
@@ -92,11 +95,14 @@ def importance_estimates(
         leave=False,
     )
     with bar:
-        for xb in x.split(shape.examples):
+        x_chunks = x.split(shape.examples)
+        y_chunks = y.split(shape.examples) if y is not None else (None,) * len(x_chunks)
+        for xb, yb in zip(x_chunks, y_chunks, strict=True):
+            labels = {} if yb is None else {"y": yb}  # xb's labels, for a conditional model
             log_sum: Tensor | None = None  # running logsumexp over the draws, (B,) float64
             for start in range(0, total_draws, shape.draws):
                 size = min(shape.draws, total_draws - start)
-                log_p_x, levels = model.weight_terms(xb, size)
+                log_p_x, levels = model.weight_terms(xb, size, **labels)
                 names = list(levels)
                 log_sum = _add_iw_draws(log_sum, log_weights_of(log_p_x, levels), k - start)
                 kept = min(size, n - start)  # draws that count in the NELBO

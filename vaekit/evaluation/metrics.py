@@ -19,20 +19,27 @@ from vaekit.shards import Shard, split_noise
 
 
 @torch.inference_mode()
-def nelbo_terms(model: nn.Module, x: Tensor, batch_size: int, shard: Shard | None = None) -> dict[str, float]:
+def nelbo_terms(
+    model: nn.Module, x: Tensor, batch_size: int, shard: Shard | None = None, y: Tensor | None = None
+) -> dict[str, float]:
     """Mean per-example NELBO, rec and KL (total and per level, `kl/<level>`) over x, nats:
     one draw z ~ q(z|x) per example and the KL as training computes it (analytic where it
-    exists). The validation signal; the test NELBO comes from `importance_estimates`.
+    exists). The validation signal; the test NELBO comes from `importance_estimates`. `y` (N,):
+    the labels of x, for a conditional model (its NELBO then bounds -log p(x|y)).
 
     With `shard` (one of several processes, each holding all of x), every batch is split over
     the processes: this one scores its rows with their part of the whole batch's noise
     (`vaekit.shards.split_noise`) and the sums are added up over processes (`shard.reduce`), so
     each returns the numbers one process would."""
     totals: dict[str, Tensor] = {}
+    label_batches = batches(y, batch_size) if y is not None else None
     for xb in batches(x, batch_size):
         rows = shard.rows(xb.shape[0]) if shard is not None else None
+        labels = {} if label_batches is None else {"y": next(label_batches)}  # xb's labels
+        if labels and rows is not None:
+            labels["y"] = labels["y"][rows]
         with split_noise(xb.shape[0], rows):
-            elbo = model(xb if rows is None else xb[rows])
+            elbo = model(xb if rows is None else xb[rows], **labels)
         terms = {"nelbo": elbo.nelbo, "rec": elbo.rec, "kl": elbo.kl}
         terms.update({f"kl/{name}": kl for name, kl in elbo.kl_per_level.items()})
         for name, value in terms.items():
@@ -93,6 +100,9 @@ def evaluate_model(
     progress: bool = True,
     chunk_elements: int | None = None,
     shard: Shard | None = None,
+    y: Tensor | None = None,
+    ais_chains: int = 100,
+    ais_betas: int = 10000,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Every metric of `model` (eval mode) on one split x (N, *shape), and the posterior means.
 
@@ -103,14 +113,18 @@ def evaluate_model(
     so the same seed gives the same numbers: `vaekit evaluate` and the end of `vaekit train`
     agree. batch_size: examples per pass of the posterior means. With `shard` (one of several
     processes) the importance pass is shared out (`importance_estimates`), each process seeded
-    with `shard.seed(seed)`; the posterior means are computed whole in every process.
+    with `shard.seed(seed)`; the posterior means are computed whole in every process. `y` (N,):
+    the labels of x, for a conditional model (its NELBO and IW-NLL are then of log p(x|y)).
+    A model=rbm is scored by `rbm_metrics` instead (AIS with ais_chains and ais_betas).
     """
     model.eval()
     num_dims = math.prod(x.shape[1:])
+    if getattr(model, "trained_by", None) == "cd":  # model=rbm: AIS, not importance weights
+        return rbm_metrics(model, x, ais_chains, ais_betas, batch_size, seed)
     torch.manual_seed(seed if shard is None else shard.seed(seed))
-    estimates = importance_estimates(model, x, iw_samples, nelbo_samples, chunk_elements, progress, shard)
+    estimates = importance_estimates(model, x, iw_samples, nelbo_samples, chunk_elements, progress, shard, y)
     torch.manual_seed(seed)
-    means = posterior_means(model, x, batch_size)
+    means = posterior_means(model, x, batch_size, y)
     nll = estimates["iw_nll"]
     metrics: dict[str, Any] = {name.replace("/", "_"): v for name, v in estimates.items() if name != "iw_nll"}
     metrics.update(
@@ -120,4 +134,33 @@ def evaluate_model(
         active_units=active_units(means),
         latent_dims={level: int(mean.shape[1]) for level, mean in means.items()},
     )
+    return metrics, means
+
+
+def rbm_metrics(
+    model: nn.Module, x: Tensor, ais_chains: int, ais_betas: int, batch_size: int, seed: int
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The test metrics of a model=rbm on x, seeded with `seed`: the AIS estimate of the NLL in the
+    key the VAEs' IW-NLL uses (`iw_nll`, with `estimator` "ais" beside it), its standard error,
+    log Z with its own, bits/dim, and the hidden units' probabilities as the "posterior means"."""
+    from vaekit.evaluation.ais import rbm_estimates
+
+    torch.manual_seed(seed)
+    estimates = rbm_estimates(model, x, ais_chains, ais_betas, batch_size)
+    torch.manual_seed(seed)
+    means = posterior_means(model, x, batch_size)
+    nll = estimates["nll"]
+    metrics: dict[str, Any] = {
+        "iw_nll": nll,
+        "iw_nll_stderr": estimates["nll_stderr"],
+        "bpd": bits_per_dim(nll, math.prod(x.shape[1:])),
+        "estimator": "ais",
+        "ais_chains": ais_chains,
+        "ais_betas": ais_betas,
+        "log_z": estimates["log_z"],
+        "log_z_stderr": estimates["log_z_stderr"],
+        "free_energy": estimates["free_energy"],
+        "active_units": active_units(means),
+        "latent_dims": {level: int(mean.shape[1]) for level, mean in means.items()},
+    }
     return metrics, means

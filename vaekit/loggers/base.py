@@ -24,10 +24,19 @@ class Logger:
         """One value per key, named `<prefix>/<key>` (train/nelbo, val/kl/z1), at epoch `step`."""
         raise NotImplementedError
 
-    def images(self, model: nn.Module, x: Tensor, step: int, num: int = 64, draw: bool = False) -> None:
-        """Grids of `num` samples and of data beside reconstructions (see `model_grids`)."""
+    def images(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        step: int,
+        num: int = 64,
+        draw: bool = False,
+        y: Tensor | None = None,
+    ) -> None:
+        """Grids of `num` samples and of data beside reconstructions (see `model_grids`); `y` (N,):
+        the labels of x, for a conditional model."""
         if len(x.shape) == 4:  # only image-shaped data (N, C, H, W)
-            self.grids(model_grids(model, x, num, draw), step)
+            self.grids(model_grids(model, x, num, draw, y), step)
 
     def grids(self, grids: dict[str, Tensor], step: int) -> None:
         """Named (C, H, W) image grids in [0, 1] at `step`; loggers without images ignore them."""
@@ -45,19 +54,36 @@ class Logger:
         """Flush what is buffered; the logger is not used afterwards."""
 
 
+# A conditional model's sample grid: one row of this many samples per class, for at most
+# GRID_CLASSES classes (0, 1, ...)
+GRID_PER_CLASS = 8
+GRID_CLASSES = 16
+
+
 @torch.no_grad()
-def model_grids(model: nn.Module, x: Tensor, num: int = 64, draw: bool = False) -> dict[str, Tensor]:
+def model_grids(
+    model: nn.Module, x: Tensor, num: int = 64, draw: bool = False, y: Tensor | None = None
+) -> dict[str, Tensor]:
     """{"samples", "reconstructions"}: grids of `num` samples, and of x beside its reconstruction
     (pairs along each row): the means of p(x|z), or with `draw` samples from it.
 
+    A conditional model (model.conditional=true) reconstructs x with its labels y (N,), and its
+    sample grid holds one row of GRID_PER_CLASS samples per class 0, 1, ... (at most GRID_CLASSES).
     The draws leave the global RNG streams as they were, so logging images never changes the
     noise that training sees."""
     was_training = model.training
     model.eval()
+    conditional = getattr(model, "conditional", False)
     with own_rng(x.device):
-        samples = image_grid(model.sample(num, draw=draw))
+        if conditional:
+            classes = torch.arange(min(model.num_classes, GRID_CLASSES), device=x.device)
+            labels = classes.repeat_interleave(GRID_PER_CLASS)  # (rows * GRID_PER_CLASS,)
+            samples = image_grid(model.sample(labels.shape[0], draw=draw, y=labels), nrow=GRID_PER_CLASS)
+        else:
+            samples = image_grid(model.sample(num, draw=draw))
         x = x[: num // 2]
-        pairs = torch.stack([x, model.reconstruct(x, draw=draw)], dim=1).flatten(0, 1)
+        given = {"y": y[: num // 2]} if conditional and y is not None else {}  # x's labels
+        pairs = torch.stack([x, model.reconstruct(x, draw=draw, **given)], dim=1).flatten(0, 1)
         reconstructions = image_grid(pairs)
     model.train(was_training)
     return {"samples": samples, "reconstructions": reconstructions}

@@ -265,7 +265,15 @@ class SilentLogger(Logger):
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         pass
 
-    def images(self, model: nn.Module, x: Tensor, step: int, num: int = 64, draw: bool = False) -> None:
+    def images(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        step: int,
+        num: int = 64,
+        draw: bool = False,
+        y: Tensor | None = None,
+    ) -> None:
         pass
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:

@@ -26,11 +26,21 @@ def epoch_line(
     seconds: float,
     improved: bool,
 ) -> str:
-    """The epoch's line: train and val NELBO, the validation KL per level (`kl/<level>`), lr, time."""
+    """The epoch's line: train and val NELBO (and val IWAE bound), the validation KL per level
+    (`kl/<level>`), lr, time; "(best)" beside the number early stopping watches."""
     parts = [f"epoch {epoch}/{max_epochs}"]
     if "nelbo" in train:  # absent when every step of the epoch was skipped
         parts.append(f"train NELBO {train['nelbo']:.2f}")
-    parts.append(f"val NELBO {val['nelbo']:.2f}{' (best)' if improved else ''}")
+    if "free_energy" in train:  # model=rbm
+        parts.append(f"train free energy {train['free_energy']:.2f}")
+    best = " (best)" if improved else ""
+    if "nll" in val:  # model=rbm: a short AIS estimate of the validation NLL
+        parts.append(f"val NLL (AIS) {val['nll']:.2f}{best}")
+    elif "iwae" in val:  # objective=iwae: early stopping watches the validation bound
+        parts.append(f"val NELBO {val['nelbo']:.2f}")
+        parts.append(f"val IWAE bound {val['iwae']:.2f}{best}")
+    else:
+        parts.append(f"val NELBO {val['nelbo']:.2f}{best}")
     levels = " ".join(f"{key[3:]} {value:.2f}" for key, value in val.items() if key.startswith("kl/"))
     if levels:
         parts.append(f"val KL {levels}")

@@ -37,6 +37,8 @@ class OverfitCheck:
         if model.likelihood.binary_data:
             x = torch.bernoulli(x, generator=torch.Generator().manual_seed(CHECK_SEED))
         self.x: Tensor = x.to(device)
+        # a conditional model (model.conditional=true) is measured given the training labels
+        self.y: Tensor | None = raw.train_labels.to(device) if getattr(model, "conditional", False) else None
         self.start = self.nelbo()
 
     @torch.no_grad()
@@ -47,7 +49,7 @@ class OverfitCheck:
             torch.manual_seed(CHECK_SEED)
             self.model.eval()
             try:
-                return nelbo_terms(self.model, self.x, self.batch_size)["nelbo"]
+                return nelbo_terms(self.model, self.x, self.batch_size, y=self.y)["nelbo"]
             finally:
                 self.model.train(was_training)
 

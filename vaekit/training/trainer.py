@@ -22,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vaekit.data import DeviceData
 from vaekit.errors import VaekitError
-from vaekit.evaluation.metrics import nelbo_terms
+from vaekit.objectives import Objective
 from vaekit.rng import own_rng
 from vaekit.schema import TrainerConfig
 from vaekit.shards import split_noise
@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # the TensorBoard writer is imported by whoever makes the log
 log = logging.getLogger("vaekit")
 
 VALIDATION_SEED = 2024
+WATCHED_NAMES = {"nelbo": "NELBO", "iwae": "IWAE bound", "nll": "NLL (AIS)"}  # as train.log names them
 
 
 class Diverged(Exception):
@@ -93,7 +94,8 @@ class Trainer:
     checkpoint. `schedule` sets the lr each epoch (default: the optimizer's lr, constant);
     with settings.ema the EMA weights are the ones validated, checkpointed as "model" and tested.
     `world`: this process's place among several (vaekit.training.distributed; default: the
-    process group joined, else alone); `precision`: how steps compute (default settings.precision).
+    process group joined, else alone); `precision`: how steps compute (default settings.precision);
+    `objective`: the loss and the validation number early stopping watches (default the ELBO).
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class Trainer:
         schedule: Schedule | None = None,
         world: World | None = None,
         precision: Precision | None = None,
+        objective: Objective | None = None,
     ) -> None:
         self.world = world if world is not None else current()
         self.precision = precision or Precision(getattr(settings, "precision", "32"), data.device)
@@ -143,6 +146,7 @@ class Trainer:
         self.epoch_log = EpochLog()
         self.guard = StepGuard(settings.max_nonfinite_steps, sync_free=False, device=data.device)
         self.lr = float(optimizer.param_groups[0]["lr"])  # the lr of the current epoch
+        self.objective = objective if objective is not None else Objective()
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> FitState:
@@ -168,15 +172,16 @@ class Trainer:
                         self._roll_back()
                         continue
                     val_terms = self._validate()
-                    improved = self._update_early_stopping(val_terms["nelbo"], self.state.epoch)
-                    self.schedule.observe(self.state.epoch, val_terms["nelbo"])
+                    watched = val_terms[self.objective.stopping_key]  # the validation bound trained
+                    improved = self._update_early_stopping(watched, self.state.epoch)
+                    self.schedule.observe(self.state.epoch, watched)
                     self._log_epoch(self.state.epoch, train_terms, val_terms, improved, start)
                     self.state.train_seconds += time.perf_counter() - start
                     snapshot = self._save_last(also_best=improved)
-                    if math.isfinite(val_terms["nelbo"]):
+                    if math.isfinite(watched):
                         self.good_state = snapshot
                     bar.update(1)
-                    bar.set_postfix(val=f"{val_terms['nelbo']:.2f}", best=f"{self.state.best_val:.2f}")
+                    bar.set_postfix(val=f"{watched:.2f}", best=f"{self.state.best_val:.2f}")
         except (Interrupted, Diverged):
             self.world.barrier()  # every process stops at the same step, after rank 0 wrote its files
             raise
@@ -188,10 +193,11 @@ class Trainer:
             st = self.state
             log.info(
                 "early stopping after epoch %d: no validation improvement for %d epochs; best epoch %d "
-                "(val NELBO %.2f)",
+                "(val %s %.2f)",
                 st.epoch,
                 st.epochs_since_best,
                 st.best_epoch,
+                WATCHED_NAMES.get(self.objective.stopping_key, self.objective.stopping_key),
                 st.best_val,
             )
         return self.state
@@ -213,9 +219,11 @@ class Trainer:
         return None
 
     def beta(self) -> float:
-        """KL weight of the current epoch: rises linearly from 1/W to 1 over W warm-up epochs."""
+        """KL weight of the current epoch's loss: trainer.beta, times a factor that rises linearly
+        from 1/W to 1 over W warm-up epochs."""
         warmup = self.settings.kl_warmup_epochs
-        return 1.0 if warmup <= 0 else min(1.0, (self.state.epoch + 1) / warmup)
+        factor = 1.0 if warmup <= 0 else min(1.0, (self.state.epoch + 1) / warmup)
+        return self.settings.beta * factor
 
     def _train_epoch(self) -> dict[str, float]:
         """One pass over a permutation (continuing a resumed one); mean train terms per example."""
@@ -227,11 +235,13 @@ class Trainer:
             self.progress = EpochProgress(perm=self.data.permutation(self.generator))
         p = self.progress
         shard = self.world.shard  # None in a lone process
+        conditional = getattr(self.model, "conditional", False)  # model.conditional=true: labels too
         for step in range(p.step, self.data.num_train_batches(bs)):
             count = min(bs, self.data.num_train - step * bs)  # examples in the (global) batch
             x = self.data.train_batch(p.perm, step, bs, self.generator, shard)  # this process's rows
+            y = self.data.train_labels_batch(p.perm, step, bs, shard) if conditional else None  # x's labels
             with split_noise(count, shard.rows(count) if shard else None), self.precision.nets():
-                elbo = self.forward(x, beta=beta, free_bits=free_bits)
+                elbo = self.objective(self.forward, x, beta, free_bits, y=y)
             # each process's share of the batch mean: their gradients sum to the batch's gradient
             loss = elbo.loss.mean() if shard is None else elbo.loss.sum() / count
             self.flat.zero_grad()
@@ -297,15 +307,16 @@ class Trainer:
 
     @staticmethod
     def _add_terms(p: EpochProgress, elbo: Any, batch: int, ok: bool | Tensor) -> None:
-        """Add a taken step's sums of rec and each level's KL to the epoch's (masked by the
-        device flag); `_epoch_means` derives the NELBO and total KL from them."""
-        per_example = [elbo.rec.detach(), *(kl.detach() for kl in elbo.kl_per_level.values())]
-        batch_sums = torch.stack(per_example).sum(1)
+        """Add a taken step's sums of the objective's logged terms (rec and each level's KL for
+        the ELBO and IWAE) to the epoch's, masked by the device flag; `_epoch_means` derives the
+        NELBO and total KL from them."""
+        terms = elbo.logged_terms()  # name -> (B,): rec and kl/<level> for the ELBO's objectives
+        batch_sums = torch.stack([term.detach() for term in terms.values()]).sum(1)
         if ok is not True:
             batch_sums = torch.where(ok, batch_sums, 0.0)
             batch = ok.to(torch.int64) * batch
         p.sums = batch_sums if p.sums is None else p.sums + batch_sums
-        p.names = p.names or ("rec", *(f"kl/{k}" for k in elbo.kl_per_level))
+        p.names = p.names or tuple(terms)
         p.count = p.count + batch
 
     def _epoch_means(self, p: EpochProgress) -> dict[str, float]:
@@ -320,9 +331,11 @@ class Trainer:
         *sums, examples = torch.cat([p.sums, count]).tolist()
         if examples == 0:
             return {}
-        rec, *kls = (total / examples for total in sums)
-        means = {"nelbo": rec + sum(kls), "rec": rec, "kl": sum(kls)}
-        return {**means, **dict(zip(p.names[1:], kls, strict=True))}
+        means = {name: total / examples for name, total in zip(p.names, sums, strict=True)}
+        if "rec" not in means:  # an objective without the ELBO's terms (e.g. an RBM's)
+            return means
+        kl = sum(value for name, value in means.items() if name.startswith("kl/"))
+        return {"nelbo": means["rec"] + kl, "rec": means["rec"], "kl": kl, **means}
 
     def _global_sums(self, p: EpochProgress) -> tuple[Tensor | None, int]:
         """The epoch's running sums and example count added up over every process (float64 in
@@ -348,7 +361,9 @@ class Trainer:
         self.world.broadcast_model(self.model, parameters=False)  # BatchNorm's statistics: rank 0's
         with own_rng(self.data.device), self.evaluated_weights():
             torch.manual_seed(VALIDATION_SEED)
-            return nelbo_terms(self.model, self.data.val, self.eval_batch_size, self.world.shard)
+            val, shard = self.data.val, self.world.shard
+            y = self.data.val_labels if getattr(self.model, "conditional", False) else None
+            return self.objective.validation_terms(self.model, val, self.eval_batch_size, shard, y=y)
 
     def evaluated_weights(self) -> contextlib.AbstractContextManager[None]:
         """Inside it the model holds the weights that are validated and saved as "model": the
@@ -429,7 +444,8 @@ class Trainer:
         """Sample and reconstruction grids of the evaluated weights (the EMA's with trainer.ema),
         tagged with `step`."""
         with self.evaluated_weights():
-            self.logger.images(self.model, self.data.val, step, draw=self.settings.images == "sample")
+            y = self.data.val_labels if getattr(self.model, "conditional", False) else None  # CVAE grids
+            self.logger.images(self.model, self.data.val, step, draw=self.settings.images == "sample", y=y)
         self.last_image_epoch = step
 
     # ----------------------------------------------------------- checkpoints
