@@ -139,3 +139,34 @@ def test_vae_only_settings_are_refused_with_model_rbm(tmp_path, overrides, messa
     assert done.returncode == 1
     assert message in done.stderr.strip().splitlines()[-1] and "Traceback" not in done.stderr
     assert not (tmp_path / "run" / "last.pt").exists()  # nothing trained
+
+
+def test_langevin_samples_an_rbm_and_a_vae_posterior_and_refuses_binary_units(tmp_path, trained_run):
+    run = tmp_path / "run"
+    assert run_vaekit("train", *RBM_RUN, "trainer.max_epochs=1", "trainer.log_images=false",
+                      f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0  # fmt: skip
+    langevin = ["--sampler", "langevin"]
+    done = run_vaekit("sample", str(run), *langevin, "--steps", "50", "--mala", "--n", "16", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (run / "langevin.png").stat().st_size > 0
+    from_image = run_vaekit("sample", str(trained_run), *langevin, "--from", "2", "--steps", "20",
+                            "--out", str(tmp_path / "posterior.png"), cwd=tmp_path)  # fmt: skip
+    assert from_image.returncode == 0, from_image.stderr
+    refused = {
+        "--from samples a VAE's latent posterior": ["sample", str(run), "--sampler", "langevin", "--from", "1"],
+        "add --from INDEX": ["sample", str(trained_run), "--sampler", "langevin"],
+        "add --sampler langevin": ["sample", str(trained_run), "--from", "1"],
+    }
+    for message, args in refused.items():
+        done = run_vaekit(*args, cwd=tmp_path)
+        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_bernoulli_rbm_refuses_langevin(tmp_path):
+    from vaekit.commands.langevin import rbm_langevin_images
+    from vaekit.errors import VaekitError
+
+    train = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
+    model = ImageRBM((1, 2, 2), BernoulliLikelihood(), 2, train, hidden=3)
+    with pytest.raises(VaekitError, match="sample it with Gibbs steps"):
+        rbm_langevin_images(model, 4, 10, 0.01, mala=False)

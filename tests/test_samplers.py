@@ -133,7 +133,7 @@ def test_langevin_refuses_an_energy_that_is_not_per_example():
 
 
 def test_langevin_refuses_binary_visible_units():
-    match = "Langevin sampling needs continuous visible units: model.visible=gaussian"
+    match = "Langevin sampling needs continuous visible units, and this BernoulliRBM"
     with pytest.raises(VaekitError, match=match):
         check_langevin_target(BernoulliRBM(4, 2))
 

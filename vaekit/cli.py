@@ -64,8 +64,17 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--k",
         type=int,
-        default=defaults.iw_samples,
-        help=f"importance samples per example (default {defaults.iw_samples}, as eval.iw_samples)",
+        default=None,
+        help=(
+            f"importance samples per example (default {defaults.iw_samples}, as eval.iw_samples); for "
+            "model=rbm the AIS chains of log Z (default: the run's eval.ais_chains)"
+        ),
+    )
+    parser.add_argument(
+        "--ais-betas",
+        type=int,
+        default=None,
+        help="model=rbm: AIS's intermediate distributions (default: the run's eval.ais_betas)",
     )
     parser.add_argument(
         "--nelbo-samples",
@@ -145,7 +154,7 @@ def _sample_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help="points per interpolation (default 10) or manifold grid side (default 20)",
+        help="points per interpolation (default 10), manifold grid side (20) or Langevin steps (500)",
     )
     parser.add_argument("--temperature", type=float, default=None, help="prior temperature (default 1)")
     parser.add_argument(
@@ -156,6 +165,21 @@ def _sample_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="conditional runs: the class(es) 0..C-1 to draw (default: every class in turn)",
     )
+    parser.add_argument(
+        "--sampler",
+        choices=("gibbs", "langevin"),
+        default=None,
+        help=(
+            "samples by Langevin chains: on a Gaussian-visible RBM's free energy, or with --from on a "
+            "VAE's latent posterior of one test image (default: ancestral for VAEs, Gibbs for RBMs)"
+        ),
+    )
+    parser.add_argument(
+        "--from", dest="source", type=int, default=None, metavar="INDEX",
+        help="--sampler langevin on a VAE: the test image whose posterior p(z|x) the chains sample",
+    )  # fmt: skip
+    parser.add_argument("--step-size", type=float, default=None, help="Langevin step size (default 0.01)")
+    parser.add_argument("--mala", action="store_true", help="Langevin with the Metropolis correction")
     parser.add_argument(
         "--out", type=Path, default=None, help="PNG file to write (default RUN_DIR/<mode>.png)"
     )
@@ -213,6 +237,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         not args.no_progress,
         nelbo_samples=args.nelbo_samples,
         trust=args.trust,
+        ais_betas=args.ais_betas,
     )
     print(format_table(result))
     print(f"\nwrote {result['path']}")
@@ -232,6 +257,10 @@ def _sample(args: argparse.Namespace) -> None:
         args.device,
         args.trust,
         labels=args.label,
+        sampler=args.sampler,
+        source=args.source,
+        step_size=args.step_size,
+        mala=args.mala,
     )
     print(f"wrote {path}")
 

@@ -23,7 +23,7 @@ SPLITS = ("test", "val")
 
 def evaluate_run(
     run_dir: Path,
-    k: int = DEFAULTS.iw_samples,
+    k: int | None = None,
     split: str = "test",
     batch_size: int = DEFAULTS.batch_size,
     seed: int = DEFAULTS.seed,
@@ -31,16 +31,26 @@ def evaluate_run(
     progress: bool = True,
     nelbo_samples: int | None = DEFAULTS.nelbo_samples,
     trust: Sequence[str] = (),
+    ais_betas: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate `run_dir/best.pt` on a split; returns the metrics and writes them as JSON.
 
-    IW-NLL with k samples and, from the same pass, NELBO, rec and KL (averaged over examples and
-    the first nelbo_samples of the k draws each; all k when None), bits/dim of both, and active
-    units per latent level (Burda et al., 2016). The same seed gives the same numbers.
+    IW-NLL with k samples (None: eval.iw_samples' default) and, from the same pass, NELBO, rec
+    and KL (averaged over examples and the first nelbo_samples of the k draws each; all k when
+    None), bits/dim of both, and active units per latent level (Burda et al., 2016). A model=rbm
+    gets its NLL by AIS instead, in the same key, with k chains and ais_betas distributions
+    (None: the run's eval.ais_chains and eval.ais_betas). The same seed gives the same numbers.
     """
-    check_options(k, split, batch_size, seed, nelbo_samples)
+    check_options(k or 1, split, batch_size, seed, nelbo_samples)
+    if ais_betas is not None and ais_betas < 2:
+        raise VaekitError(f"--ais-betas must be at least 2 (0 and 1), not {ais_betas}.")
     run = load_run(Path(run_dir), device, trust)
-    return score_run(run, k, split, batch_size, seed, progress, nelbo_samples)
+    if getattr(run.model, "trained_by", None) == "cd":
+        saved = run.config.get("eval", {})
+        chains = k or saved.get("ais_chains", DEFAULTS.ais_chains)
+        betas = ais_betas or saved.get("ais_betas", DEFAULTS.ais_betas)
+        return score_rbm(run, chains, betas, split, batch_size, seed)
+    return score_run(run, k or DEFAULTS.iw_samples, split, batch_size, seed, progress, nelbo_samples)
 
 
 def check_options(k: int, split: str, batch_size: int, seed: int, nelbo_samples: int | None) -> None:
@@ -95,6 +105,31 @@ def score_run(
     return result
 
 
+def score_rbm(run: Run, chains: int, betas: int, split: str, batch_size: int, seed: int) -> dict[str, Any]:
+    """A model=rbm's AIS metrics on one split (`evaluate_model` with chains and betas), written
+    beside its checkpoint as eval_<split>_k<chains>.json."""
+    x = run.data.test if split == "test" else run.data.val
+    metrics, _ = evaluate_model(run.model, x, chains, None, batch_size, seed, False, ais_chains=chains,
+                                ais_betas=betas)  # fmt: skip
+    result: dict[str, Any] = {
+        "run_dir": str(run.run_dir),
+        "checkpoint": run.checkpoint.name,
+        "epoch": run.epoch,
+        "split": split,
+        "num_examples": int(x.shape[0]),
+        "k": chains,
+        "seed": seed,
+        "device": str(run.device),
+        "checksum": run.data.checksums[split],
+        **metrics,
+    }
+    result["active_units_total"] = sum(result["active_units"].values())
+    path = result_path(run.run_dir, split, chains, run.checkpoint.name)
+    write_json(path, result)
+    result["path"] = str(path)
+    return result
+
+
 def result_path(run_dir: Path, split: str, k: int, checkpoint: str = "best.pt") -> Path:
     """Where `vaekit evaluate` writes its JSON: beside best.pt (`_last` added for last.pt's)."""
     which = "" if checkpoint == "best.pt" else f"_{Path(checkpoint).stem}"
@@ -104,6 +139,8 @@ def result_path(run_dir: Path, split: str, k: int, checkpoint: str = "best.pt") 
 def format_table(result: dict[str, Any]) -> str:
     """The printed summary: a heading line and a two-column markdown table."""
     levels = list(result["latent_dims"])
+    if result.get("estimator") == "ais":
+        return _table(result, _rbm_rows(result))
     rows = [
         ("NELBO (nats)", f"{result['nelbo']:.3f}"),
         ("  reconstruction", f"{result['rec']:.3f}"),
@@ -122,6 +159,24 @@ def format_table(result: dict[str, Any]) -> str:
             (f"  active units {level}", f"{result['active_units'][level]} / {result['latent_dims'][level]}")
             for level in levels
         ]
+    return _table(result, rows)
+
+
+def _rbm_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rows of a model=rbm's table: the AIS NLL and log Z with their standard errors."""
+    hidden = sum(result["latent_dims"].values())
+    return [
+        (f"NLL, AIS with {result['ais_chains']} chains x {result['ais_betas']} betas (nats)",
+         f"{result['iw_nll']:.3f} +- {result['iw_nll_stderr']:.3f}"),  # fmt: skip
+        ("  log Z", f"{result['log_z']:.3f} +- {result['log_z_stderr']:.3f}"),
+        ("  mean free energy", f"{result['free_energy']:.3f}"),
+        ("bits/dim", f"{result['bpd']:.4f}"),
+        ("active hidden units", f"{result['active_units_total']} / {hidden}"),
+    ]
+
+
+def _table(result: dict[str, Any], rows: list[tuple[str, str]]) -> str:
+    """A heading line (run, checkpoint, split, seed, device) and the rows as a markdown table."""
     width = max(len(name) for name, _ in rows)
     value_width = max(len(value) for _, value in rows)
     heading = (

@@ -28,7 +28,7 @@ METRIC_COLUMNS = (  # (key in metrics.json, markdown heading, format)
     ("test_iw_nll", "test IW-NLL", ".2f"),
     ("test_nelbo", "test NELBO", ".2f"),
     ("test_bpd", "bits/dim", ".4f"),
-    ("val_nelbo", "best val NELBO", ".2f"),
+    ("val_best", "best val", ".2f"),  # what early stopping watched: NELBO unless the note says
     ("best_epoch", "best epoch", "d"),
     ("epochs", "epochs", "d"),
     ("iw_samples", "k", "d"),
@@ -37,6 +37,7 @@ METRIC_COLUMNS = (  # (key in metrics.json, markdown heading, format)
 CURVE_TAG = "val/nelbo"
 STATUS_ORDER = {"finished": 0, "early_stopped": 0, "running": 1, "failed": 2}
 CONDITIONAL_NOTE = "(conditional: log p(x|y))"  # the note of a model.conditional=true run's row
+VAL_NAMES = {"iwae": "IWAE bound", "nll": "NLL by a short AIS"}  # `stopped_on` other than nelbo
 
 
 @dataclass
@@ -121,10 +122,26 @@ def _read_metrics(run_dir: Path, root: Path) -> RunRecord:
     if not isinstance(metrics, dict):
         return RunRecord(run_dir, name, overrides, "unreadable", note="metrics.json is not an object")
     status = str(metrics.get("status", "finished"))
-    note = str(metrics.get("reason", "")) if status == "failed" else ""
+    watched = str(metrics.get("stopped_on", "nelbo"))  # the validation number early stopping watched
+    metrics.setdefault("val_best", metrics.get(f"val_{watched}"))
+    notes = [str(metrics.get("reason", ""))] if status == "failed" else []
+    notes += estimator_notes(metrics, watched)
+    return RunRecord(run_dir, name, overrides, status, metrics, "; ".join(note for note in notes if note))
+
+
+def estimator_notes(metrics: dict[str, Any], watched: str) -> list[str]:
+    """What a row's numbers are when they are not the VAE defaults: a conditional likelihood,
+    the IW-NLL column estimated by AIS (model=rbm), a validation number other than the NELBO."""
+    notes = []
     if metrics.get("conditional") is True:  # model.conditional=true: not comparable with log p(x)
-        note = f"{note}; {CONDITIONAL_NOTE}" if note else CONDITIONAL_NOTE
-    return RunRecord(run_dir, name, overrides, status, metrics, note)
+        notes.append(CONDITIONAL_NOTE)
+    if metrics.get("test_estimator") == "ais":
+        stderr = metrics.get("test_iw_nll_stderr")
+        error = f" +- {stderr:.2f}" if isinstance(stderr, (int, float)) else ""
+        notes.append(f"IW-NLL by AIS{error} ({metrics.get('test_ais_chains')} chains)")
+    if watched != "nelbo":
+        notes.append(f"best val: {VAL_NAMES.get(watched, watched)}")
+    return notes
 
 
 def collect(root: Path, seed_keys: Sequence[str] = SEED_KEYS) -> list[RunRecord]:
@@ -208,13 +225,13 @@ def search_section(root: Path, records: list[RunRecord]) -> str:
     ]
     if common:
         lines += ["common overrides: " + " ".join(f"{k}={v}" for k, v in common.items()), ""]
-    headings = ["trial", *keys, "status", "best val NELBO", "note"]
+    headings = ["trial", *keys, "status", "best val", "note"]
     lines.append("| " + " | ".join(headings) + " |")
     lines.append("|" + "|".join("---" for _ in headings) + "|")
     for record in trials:
         note = (record.note or str(record.metrics.get("reason", ""))).replace("|", "\\|")
         values = [record.overrides.get(key, "") for key in keys]
-        val = _format(record.metrics.get("val_nelbo"), ".2f")
+        val = _format(record.metrics.get("val_best"), ".2f")
         lines.append("| " + " | ".join([record.name, *values, record.status, val, note]) + " |")
     return "\n".join(lines)
 

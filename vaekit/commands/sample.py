@@ -28,6 +28,9 @@ from torch.distributions import (
 )
 
 from vaekit.commands.figures import save_grid, save_scatter
+from vaekit.commands.langevin import DEFAULT_STEP_SIZE as DEFAULT_LANGEVIN_STEP
+from vaekit.commands.langevin import DEFAULT_STEPS as DEFAULT_LANGEVIN_STEPS
+from vaekit.commands.langevin import check_langevin_options, posterior_langevin_images, rbm_langevin_images
 from vaekit.errors import VaekitError
 from vaekit.latents import lerp, mean_of, posterior_means, require_one_level, slerp
 from vaekit.rng import check_seed
@@ -271,6 +274,39 @@ def manifold(run: LoadedRun, steps: int, labels: Sequence[int] | None = None) ->
     return decode(model, z, y)
 
 
+def langevin_figure(
+    run_dir: Path,
+    n: int | None,
+    out: Path | None,
+    steps: int | None,
+    seed: int,
+    device: str,
+    trust: Sequence[str],
+    source: int | None,
+    step_size: float | None,
+    mala: bool,
+) -> Path:
+    """The figure of `--sampler langevin` (see `sample_figure`): n chains (default 64) of `steps`
+    (default 500) steps; with `source`, test image `source` first, then its posterior's decodings."""
+    step_size = DEFAULT_LANGEVIN_STEP if step_size is None else step_size
+    n = DEFAULT_N["samples"] if n is None else n
+    if not 1 <= n <= MAX_FIGURE_IMAGES - 1:
+        raise VaekitError(f"--n must be between 1 and {MAX_FIGURE_IMAGES - 1}, not {n}.")
+    check_seed(seed, "--seed")
+    run = load_run(Path(run_dir), device, trust)
+    check_langevin_options(run.model, source, steps, step_size)
+    steps = DEFAULT_LANGEVIN_STEPS if steps is None else steps
+    out = Path(out) if out is not None else run.run_dir / "langevin.png"
+    torch.manual_seed(seed)
+    if source is None:  # model=rbm
+        return save_grid(rbm_langevin_images(run.model, n, steps, step_size, mala), out, nrow=min(8, n))
+    if not 0 <= source < run.data.test.shape[0]:
+        raise VaekitError(f"--from must index a test image, 0..{run.data.test.shape[0] - 1}, not {source}.")
+    x = run.data.test[source : source + 1]
+    images = posterior_langevin_images(run.model, x, n, steps, step_size, mala)
+    return save_grid(images, out, nrow=min(8, n + 1))
+
+
 def sample_figure(
     run_dir: Path,
     mode: str = "samples",
@@ -282,6 +318,10 @@ def sample_figure(
     device: str = "auto",
     trust: Sequence[str] = (),
     labels: Sequence[int] | None = None,
+    sampler: str | None = None,
+    source: int | None = None,
+    step_size: float | None = None,
+    mala: bool = False,
 ) -> Path:
     """Draw one figure of `run_dir/best.pt` as a PNG; returns its path.
 
@@ -289,10 +329,19 @@ def sample_figure(
     10 points per interpolation, a 20 x 20 manifold; out = <run_dir>/<mode>.png. `labels`
     (--label): the classes of a conditional run (model.conditional=true) to sample, interpolate
     within or (one) to decode the manifold of; its prior samples default to every class in turn,
-    one class per column (8 rows of them unless n is given).
+    one class per column (8 rows of them unless n is given). `sampler` "langevin" (prior samples
+    only): Langevin chains of `steps` steps of size `step_size` (MALA with `mala`), on a
+    Gaussian-visible RBM's free energy, or on a VAE's latent posterior of test image `source`
+    (`vaekit.commands.langevin`); "gibbs" (model=rbm's default) block Gibbs chains.
     """
     if mode not in MODES:
         raise VaekitError(f"mode must be one of {', '.join(MODES)}, not {mode}.")
+    if sampler is not None and mode != "samples":
+        raise VaekitError(f"--sampler applies to samples, not to --{mode}.")
+    if sampler != "langevin" and (source is not None or step_size is not None or mala):
+        raise VaekitError("--from, --step-size and --mala set up Langevin chains: add --sampler langevin.")
+    if sampler == "langevin":
+        return langevin_figure(run_dir, n, out, steps, seed, device, trust, source, step_size, mala)
     if labels is not None and mode in ("reconstruct", "scatter"):
         raise VaekitError(
             f"--label applies to prior samples, --interpolate and --manifold; --{mode} uses each test "
@@ -330,6 +379,8 @@ def sample_figure(
             f"vaekit sample draws images, but this run's data have shape {list(run.data.shape)}."
         )
     labels = check_labels(run.model, labels)
+    if sampler == "gibbs" and getattr(run.model, "trained_by", None) != "cd":
+        raise VaekitError("--sampler gibbs runs model=rbm's chains; a VAE draws its prior samples directly.")
     out = Path(out) if out is not None else run.run_dir / f"{mode}.png"
     torch.manual_seed(seed)
     if mode == "samples":

@@ -25,7 +25,7 @@ GROUP_COLUMNS = (  # (key in metrics.json, heading, decimals)
     ("test_iw_nll", "test IW-NLL", 2),
     ("test_nelbo", "test NELBO", 2),
     ("test_bpd", "bits/dim", 4),
-    ("val_nelbo", "best val NELBO", 2),
+    ("val_best", "best val", 2),  # the validation number early stopping watched
 )
 PAIRED_METRICS = (("test_iw_nll", "test IW-NLL"), ("test_nelbo", "test NELBO"))
 FORMATS = ("markdown", "csv", "json", "latex")
@@ -62,11 +62,17 @@ def compare(
 
 
 def group_note(group: Group) -> str:
-    """What a reader must know about a group's numbers: runs left out, mixed k."""
+    """What a reader must know about a group's numbers: runs left out, mixed k, an AIS estimate,
+    a validation number other than the NELBO."""
     notes = []
     ks = sorted({run.metrics.get("iw_samples") for run in group.runs}, key=str)
     if len(ks) > 1:
         notes.append(f"IW-NLL with different k: {', '.join(map(str, ks))}")
+    if any(run.metrics.get("test_estimator") == "ais" for run in group.runs):
+        notes.append("IW-NLL by AIS (model=rbm)")
+    watched = sorted({str(run.metrics.get("stopped_on", "nelbo")) for run in group.runs})
+    if watched != ["nelbo"]:
+        notes.append(f"best val: {', '.join(watched)} (what early stopping watched)")
     if group.left_out:
         notes.append(f"not averaged: {', '.join(group.left_out)}")
     return "; ".join(notes)

@@ -88,8 +88,8 @@ def fit_fields(state: Any, cfg: DictConfig, data: DeviceData) -> dict[str, Any]:
         "status": state.status,
         "device": str(data.device),
         "processes": distributed.current().size,  # DDP: how many trained the run (this session)
-        "iw_samples": cfg.eval.iw_samples,
-        "nelbo_samples": cfg.eval.nelbo_samples or cfg.eval.iw_samples,
+        "iw_samples": None if is_rbm(cfg) else cfg.eval.iw_samples,  # an RBM's NLL: AIS (test_ais_*)
+        "nelbo_samples": None if is_rbm(cfg) else cfg.eval.nelbo_samples or cfg.eval.iw_samples,
         "data_checksums": dict(data.checksums),
         # model.conditional=true: the test NELBO and IW-NLL are of log p(x|y), not comparable with log p(x)
         **({"conditional": True} if cfg.model.get("conditional") else {}),

@@ -29,8 +29,8 @@ def check_langevin_target(rbm: RBM) -> None:
     """Refuse, in one sentence, an RBM whose visible units are discrete (no gradient to follow)."""
     if not rbm.continuous_visible:
         raise VaekitError(
-            f"Langevin sampling needs continuous visible units: model.visible=gaussian gives a "
-            f"GaussianBernoulliRBM, while a {type(rbm).__name__} is sampled by Gibbs steps."
+            f"Langevin sampling needs continuous visible units, and this {type(rbm).__name__}'s are "
+            f"binary (likelihood=bernoulli): sample it with Gibbs steps (the default sampler)."
         )
 
 
