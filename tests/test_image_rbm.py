@@ -153,8 +153,8 @@ def test_langevin_samples_an_rbm_and_a_vae_posterior_and_refuses_binary_units(tm
                             "--out", str(tmp_path / "posterior.png"), cwd=tmp_path)  # fmt: skip
     assert from_image.returncode == 0, from_image.stderr
     refused = {
-        "--from samples a VAE's latent posterior": ["sample", str(run), "--sampler", "langevin", "--from", "1"],
-        "add --from INDEX": ["sample", str(trained_run), "--sampler", "langevin"],
+        "--from samples a VAE's latent posterior": ["sample", str(run), *langevin, "--from", "1"],
+        "add --from INDEX": ["sample", str(trained_run), *langevin],
         "add --sampler langevin": ["sample", str(trained_run), "--from", "1"],
     }
     for message, args in refused.items():
