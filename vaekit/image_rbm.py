@@ -106,6 +106,12 @@ class ImageRBM(nn.Module):
         """F(v) of images x (B, C, H, W), (B,): -log p(v) = F(v) + log Z."""
         return self.rbm.free_energy(self.visible_units(x))
 
+    def nll_per_example(self, x: Tensor) -> Tensor:
+        """F(v) + `nll_offset` of images x (B, C, H, W), (B,): the per-example NLL bound of the
+        module docstring up to its constant log Z (one dequantization draw for Gaussian units),
+        the score `vaekit evaluate --ood` ranks examples by."""
+        return self.free_energy(x) + self.nll_offset
+
     @torch.no_grad()
     def sample(self, n: int, draw: bool = False) -> Tensor:
         """n images from `sample_steps` block Gibbs steps started at the base model: the last

@@ -215,21 +215,94 @@ class ContrastiveDivergence(Objective):
         return {key: estimates[key] for key in ("nll", "free_energy", "log_z")}
 
 
+@dataclass(frozen=True)
+class EnergyTerms:
+    """Per-example terms (B,) of a contrastive EBM step, example i paired with negative i:
+    loss = E(x+) - E(x-) + alpha (E(x+)^2 + E(x-)^2), whose batch mean is the loss;
+    sgld_grad_norm: the sampler's mean gradient norm at its last step, the same for every example."""
+
+    loss: Tensor
+    energy_data: Tensor
+    energy_negatives: Tensor
+    sgld_grad_norm: Tensor
+
+    def logged_terms(self) -> dict[str, Tensor]:
+        """The terms the Trainer sums over an epoch: the energies of data and negatives, their gap
+        (data minus negatives) and the sampler's gradient norm."""
+        return {
+            "energy_data": self.energy_data,
+            "energy_negatives": self.energy_negatives,
+            "energy_gap": self.energy_data - self.energy_negatives,
+            "sgld_grad_norm": self.sgld_grad_norm,
+        }
+
+
+class ContrastiveEnergy(Objective):
+    """The contrastive loss of a deep EBM (Du & Mordatch, 2019) for model=ebm (`vaekit.ebm`):
+
+        loss = mean E(x+) - mean E(x-) + alpha (mean E(x+)^2 + mean E(x-)^2),
+
+    x+ the batch dequantized afresh, x- as many negatives from `model.negatives` (SGLD from the
+    replay buffer, held fixed), alpha = model.alpha; its gradient is the maximum-likelihood one,
+    E_data[grad E] - E_model[grad E], with the negatives standing in for the model's samples, plus
+    the regularizer that keeps energies near 0. Works for any model with `dequantize`, `energy`,
+    `negatives` and `alpha` and any example shape. Validation: a short AIS estimate of log Z
+    (`val_chains` chains, `val_betas` temperatures, at the trainer's fixed validation seed) gives
+    the validation NLL early stopping watches (the loss itself is no likelihood).
+    """
+
+    name = "contrastive"
+    stopping_key = "nll"
+
+    def __init__(self, val_chains: int, val_betas: int) -> None:
+        self.val_chains = val_chains
+        self.val_betas = val_betas
+
+    def __call__(
+        self, model: nn.Module, x: Tensor, beta: float, free_bits: float, y: Tensor | None = None
+    ) -> EnergyTerms:
+        """Per-example loss (B,) and energies of the batch x (B, *shape) and of B negatives."""
+        positives = model.dequantize(x)
+        sampled = model.negatives(x.shape[0])
+        energy_data, energy_negatives = model.energy(positives), model.energy(sampled.x)
+        penalty = energy_data.square() + energy_negatives.square()
+        loss = energy_data - energy_negatives + model.alpha * penalty
+        grad_norm = torch.full_like(energy_data.detach(), sampled.grad_norm)
+        return EnergyTerms(loss, energy_data, energy_negatives, grad_norm)
+
+    def validation_terms(
+        self, model: nn.Module, x: Tensor, batch_size: int, shard: Any, y: Tensor | None = None
+    ) -> dict[str, float]:
+        """{"nll": the short-AIS dequantized NLL of x, "energy": mean E(y), "log_z": its AIS log Z,
+        also recorded in model.log_z (so best.pt holds the estimate of its weights)}."""
+        from vaekit.evaluation.ais import ebm_estimates
+
+        estimates = ebm_estimates(model, x, self.val_chains, self.val_betas, batch_size, draws=1)
+        return {key: estimates[key] for key in ("nll", "energy", "log_z")}
+
+
 def objective_for(settings: Any, model: nn.Module, evaluation: Any = None) -> Objective:
-    """The objective that trains `model`: an RBM's contrastive divergence (which the `objective`
-    group must leave at elbo), else the `objective` group's (`build_objective`), checked
-    against the model. `evaluation`: the eval settings (val_ais_chains, val_ais_betas)."""
+    """The objective that trains `model`: an RBM's contrastive divergence or an EBM's contrastive
+    loss (for which the `objective` group must stay at elbo), else the `objective` group's
+    (`build_objective`), checked against the model. `evaluation`: the eval settings
+    (val_ais_chains, val_ais_betas)."""
     objective = build_objective(settings)
-    if getattr(model, "trained_by", None) != "cd":
+    trained_by = getattr(model, "trained_by", None)
+    if trained_by not in ("cd", "contrastive"):
         objective.check(model)
         return objective
     if objective.name != "elbo":
+        how = "contrastive divergence (model.cd_k, model.persistent)" if trained_by == "cd" else (
+            "its contrastive loss (model.alpha, model.sgld_steps)"
+        )
         raise VaekitError(
-            f"model=rbm is trained by contrastive divergence (model.cd_k, model.persistent), not by "
+            f"model={'rbm' if trained_by == 'cd' else 'ebm'} is trained by {how}, not by "
             f"objective={objective.name}: drop the objective setting."
         )
     chains = getattr(evaluation, "val_ais_chains", 16) if evaluation is not None else 16
     betas = getattr(evaluation, "val_ais_betas", 1000) if evaluation is not None else 1000
+    if trained_by == "contrastive":
+        return ContrastiveEnergy(chains, betas)
     return ContrastiveDivergence(chains, betas)
 
 

@@ -41,7 +41,7 @@ def evaluate_run(
     gets its NLL by AIS instead, in the same key, with k chains and ais_betas distributions
     (None: the run's eval.ais_chains and eval.ais_betas). The same seed gives the same numbers.
     """
-    check_options(k or 1, split, batch_size, seed, nelbo_samples)
+    check_options(1 if k is None else k, split, batch_size, seed, nelbo_samples)  # --k 0: refused
     if ais_betas is not None and ais_betas < 2:
         raise VaekitError(f"--ais-betas must be at least 2 (0 and 1), not {ais_betas}.")
     run = load_run(Path(run_dir), device, trust)
@@ -49,7 +49,7 @@ def evaluate_run(
         saved = run.config.get("eval", {})
         chains = k or saved.get("ais_chains", DEFAULTS.ais_chains)
         betas = ais_betas or saved.get("ais_betas", DEFAULTS.ais_betas)
-        return score_rbm(run, chains, betas, split, batch_size, seed)
+        return score_rbm(run, chains, betas, split, batch_size, seed, progress)
     return score_run(run, k or DEFAULTS.iw_samples, split, batch_size, seed, progress, nelbo_samples)
 
 
@@ -105,11 +105,13 @@ def score_run(
     return result
 
 
-def score_rbm(run: Run, chains: int, betas: int, split: str, batch_size: int, seed: int) -> dict[str, Any]:
+def score_rbm(
+    run: Run, chains: int, betas: int, split: str, batch_size: int, seed: int, progress: bool = True
+) -> dict[str, Any]:
     """A model=rbm's AIS metrics on one split (`evaluate_model` with chains and betas), written
     beside its checkpoint as eval_<split>_k<chains>.json."""
     x = run.data.test if split == "test" else run.data.val
-    metrics, _ = evaluate_model(run.model, x, chains, None, batch_size, seed, False, ais_chains=chains,
+    metrics, _ = evaluate_model(run.model, x, chains, None, batch_size, seed, progress, ais_chains=chains,
                                 ais_betas=betas)  # fmt: skip
     result: dict[str, Any] = {
         "run_dir": str(run.run_dir),

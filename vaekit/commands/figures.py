@@ -84,6 +84,35 @@ def save_curves(
     return _save(figure, path)
 
 
+def save_histograms(
+    panels: dict[str, tuple[np.ndarray, np.ndarray]], names: tuple[str, str], path: Path, title: str
+) -> Path:
+    """One panel per score: overlaid histograms (shared bins, densities) of its two samples,
+    panels = {panel title: (first sample (N,), second sample (M,))}, labelled by `names`;
+    non-finite values are left out of the plot (and counted in the legend)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.5 * len(panels), 4), dpi=DPI)
+    colours = _colours(2)
+    for index, (panel, samples) in enumerate(panels.items()):
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        finite = [np.asarray(sample, dtype=np.float64) for sample in samples]
+        finite = [sample[np.isfinite(sample)] for sample in finite]
+        pooled = np.concatenate(finite)
+        bins = np.histogram_bin_edges(pooled, bins=40) if pooled.size else 10
+        for colour, name, sample, values in zip(colours, names, samples, finite, strict=True):
+            dropped = len(sample) - len(values)
+            label = literal(shortened(name, 30)) + (f" ({dropped} non-finite)" if dropped else "")
+            axes.hist(values, bins=bins, density=True, alpha=0.55, color=colour, label=label)
+        axes.set_title(literal(panel), fontsize=10)
+        axes.set_ylabel("density")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8, frameon=False)
+    figure.suptitle(literal(title), fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
 LEGEND_WIDTH = 40  # characters of a legend label
 
 

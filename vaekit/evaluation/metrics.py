@@ -120,7 +120,7 @@ def evaluate_model(
     model.eval()
     num_dims = math.prod(x.shape[1:])
     if getattr(model, "trained_by", None) == "cd":  # model=rbm: AIS, not importance weights
-        return rbm_metrics(model, x, ais_chains, ais_betas, batch_size, seed)
+        return rbm_metrics(model, x, ais_chains, ais_betas, batch_size, seed, progress)
     torch.manual_seed(seed if shard is None else shard.seed(seed))
     estimates = importance_estimates(model, x, iw_samples, nelbo_samples, chunk_elements, progress, shard, y)
     torch.manual_seed(seed)
@@ -138,7 +138,13 @@ def evaluate_model(
 
 
 def rbm_metrics(
-    model: nn.Module, x: Tensor, ais_chains: int, ais_betas: int, batch_size: int, seed: int
+    model: nn.Module,
+    x: Tensor,
+    ais_chains: int,
+    ais_betas: int,
+    batch_size: int,
+    seed: int,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The test metrics of a model=rbm on x, seeded with `seed`: the AIS estimate of the NLL in the
     key the VAEs' IW-NLL uses (`iw_nll`, with `estimator` "ais" beside it), its standard error,
@@ -146,7 +152,7 @@ def rbm_metrics(
     from vaekit.evaluation.ais import rbm_estimates
 
     torch.manual_seed(seed)
-    estimates = rbm_estimates(model, x, ais_chains, ais_betas, batch_size)
+    estimates = rbm_estimates(model, x, ais_chains, ais_betas, batch_size, progress)
     torch.manual_seed(seed)
     means = posterior_means(model, x, batch_size)
     nll = estimates["nll"]
