@@ -45,7 +45,7 @@ def exact_discrete_nll(model: ImageRBM, x_int: tuple[int, int], grid: int = 200)
     log_density_y = -model.rbm.free_energy(v).double() - model.rbm.log_z_exact().double()
     log_density_y = log_density_y - model.data_std.double().log().sum()
     cell = (1.0 / (levels * grid)) ** 2  # area of one grid square
-    return -float(torch.logsumexp(log_density_y, 0) + math.log(cell))
+    return -float(torch.logsumexp(log_density_y.detach(), 0) + math.log(cell))
 
 
 def test_the_dequantized_nll_bounds_the_discrete_nll_from_above():

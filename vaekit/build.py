@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -253,9 +254,81 @@ def is_rbm(cfg: DictConfig) -> bool:
     return cfg.model.get("_target_") == RBM_TARGET
 
 
-def check_model_choices(cfg: DictConfig, choices: Any) -> None:
-    """Refuse, in one sentence, a VAE-only group or setting chosen beside model=rbm (`choices`:
-    Hydra's group -> option of the run)."""
+EBM_TARGET = "vaekit.ebm.EnergyModel"
+# the groups a model=ebm does not use, with their defaults (which it accepts, unused); it uses net
+EBM_UNUSED_GROUPS = {"prior": "standard", "posterior": "gaussian", "objective": "elbo"}
+
+
+def is_ebm(cfg: DictConfig) -> bool:
+    """Whether the config's model is model=ebm (`vaekit.ebm.EnergyModel`)."""
+    return cfg.model.get("_target_") == EBM_TARGET
+
+
+def scored_by_ais(cfg: DictConfig) -> bool:
+    """Whether the model's test NLL comes from AIS (model=rbm, model=ebm), not importance weights."""
+    return is_rbm(cfg) or is_ebm(cfg)
+
+
+def overridden_groups(overrides: Sequence[str]) -> dict[str, str]:
+    """Command-line overrides as {key: 'key=value'}: 'likelihood=gaussian' and '+likelihood.std=1'
+    give the keys 'likelihood' and 'likelihood.std'."""
+    keys = {}
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+        keys[key] = override.lstrip("+~")
+    return keys
+
+
+def check_ebm_choices(cfg: DictConfig, choices: Any, overrides: Sequence[str] = ()) -> None:
+    """Refuse, in one sentence, what model=ebm does not have (a prior, posterior, objective or
+    likelihood choice, a KL weight, several processes, mixed precision, the NELBO overfit check) and
+    a bad sampler setting (sgld_steps, a buffer smaller than a batch, reinit_prob)."""
+    from vaekit.ebm import check_sampler_settings
+
+    for group, default in EBM_UNUSED_GROUPS.items():
+        chosen = choices.get(group) if choices else None
+        if chosen is not None and chosen != default:
+            raise VaekitError(f"model=ebm has no {group} to choose: drop {group}={chosen}.")
+    for key, override in overridden_groups(overrides).items():
+        if key == "likelihood" or key.startswith("likelihood."):
+            raise VaekitError(
+                f"model=ebm has no likelihood to choose (it models the dequantized pixel levels): drop "
+                f"{override}."
+            )
+    t, m = cfg.trainer, cfg.model
+    hidden_dim = cfg.net.get("hidden_dim") if cfg.get("net") is not None else None
+    if m.get("latent_dim") is not None and hidden_dim is not None and m.latent_dim != hidden_dim:
+        raise VaekitError(
+            f"model=ebm has no latent code; its feature size is net.hidden_dim: drop "
+            f"model.latent_dim={m.latent_dim}, or set net.hidden_dim={m.latent_dim}."
+        )
+    for key, default in (("beta", 1.0), ("free_bits", 0.0), ("kl_warmup_epochs", 0)):
+        if t[key] != default:
+            raise VaekitError(f"trainer.{key} weights a KL term, which model=ebm does not have: drop it.")
+    if t.devices > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise VaekitError(
+            "model=ebm trains in one process (its replay buffer is not shared): use trainer.devices=1."
+        )
+    if t.precision != "32":
+        raise VaekitError(f"model=ebm computes in float32: drop trainer.precision={t.precision}.")
+    if t.overfit_check:
+        raise VaekitError("trainer.overfit_check measures a NELBO, which model=ebm does not have: drop it.")
+    if cfg.get("net") is not None and cfg.net.get("norm") == "batch":
+        raise VaekitError(
+            "model=ebm needs an energy without batch statistics (its Langevin chains would change them): "
+            "use net.norm=group or none."
+        )
+    check_sampler_settings(m.get("sgld_steps", 1), m.get("buffer_size", t.batch_size),
+                           m.get("reinit_prob", 0.0), t.batch_size)  # fmt: skip
+
+
+def check_model_choices(cfg: DictConfig, choices: Any, overrides: Sequence[str] = ()) -> None:
+    """Refuse, in one sentence, a VAE-only group or setting chosen beside model=rbm or model=ebm
+    (`choices`: Hydra's group -> option of the run; `overrides`: the command line's, where an EBM's
+    refused likelihood choice shows, since the dataset picks one by default)."""
+    if is_ebm(cfg):
+        check_ebm_choices(cfg, choices, overrides)
+        return
     if not is_rbm(cfg):
         return
     for group, default in VAE_ONLY_GROUPS.items():
@@ -276,6 +349,10 @@ def check_model_choices(cfg: DictConfig, choices: Any) -> None:
 
 def build_model(cfg: DictConfig, raw: RawSplits) -> torch.nn.Module:
     """Model from the model, net, prior, posterior and likelihood groups, for this dataset."""
+    if is_ebm(cfg):  # the energy from the net group; no likelihood: the integer levels, dequantized
+        train = raw.train if isinstance(raw, RawSplits) else None  # None: the checkpoint's buffers follow
+        return instantiate_group(cfg.model, "model", data_shape=raw.shape, num_levels=raw.num_levels,
+                                 net=instantiate_group(cfg.net, "net"), train=train)  # fmt: skip
     likelihood = instantiate_group(cfg.likelihood, "likelihood")
     likelihood.check_dataset(raw.num_levels, raw.shape)
     if is_rbm(cfg):  # no net, prior or posterior: the training split sets its data statistics

@@ -168,7 +168,10 @@ def _sample_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help="points per interpolation (default 10), manifold grid side (20) or Langevin steps (500)",
+        help=(
+            "points per interpolation (default 10), manifold grid side (20) or Langevin steps "
+            "(500; an EBM's model.sample_steps)"
+        ),
     )
     parser.add_argument("--temperature", type=float, default=None, help="prior temperature (default 1)")
     parser.add_argument(
@@ -184,16 +187,26 @@ def _sample_parser() -> argparse.ArgumentParser:
         choices=("gibbs", "langevin"),
         default=None,
         help=(
-            "samples by Langevin chains: on a Gaussian-visible RBM's free energy, or with --from on a "
-            "VAE's latent posterior of one test image (default: ancestral for VAEs, Gibbs for RBMs)"
+            "samples by Langevin chains: on a Gaussian-visible RBM's free energy, on an EBM's energy, or "
+            "with --from on a VAE's latent posterior of one test image (default: ancestral for VAEs, "
+            "Gibbs for RBMs, Langevin for EBMs)"
         ),
     )
     parser.add_argument(
         "--from", dest="source", type=int, default=None, metavar="INDEX",
         help="--sampler langevin on a VAE: the test image whose posterior p(z|x) the chains sample",
     )  # fmt: skip
-    parser.add_argument("--step-size", type=float, default=None, help="Langevin step size (default 0.01)")
+    parser.add_argument(
+        "--step-size", type=float, default=None,
+        help="Langevin step size (default 0.01; an EBM's model.sgld_step_size)",
+    )  # fmt: skip
     parser.add_argument("--mala", action="store_true", help="Langevin with the Metropolis correction")
+    parser.add_argument(
+        "--init",
+        choices=("noise", "buffer"),
+        default=None,
+        help="model=ebm: start the Langevin chains at uniform noise (default) or at its replay buffer",
+    )
     parser.add_argument(
         "--out", type=Path, default=None, help="PNG file to write (default RUN_DIR/<mode>.png)"
     )
@@ -285,6 +298,7 @@ def _sample(args: argparse.Namespace) -> None:
         source=args.source,
         step_size=args.step_size,
         mala=args.mala,
+        init=args.init,
     )
     print(f"wrote {path}")
 

@@ -16,6 +16,9 @@ Negatives: `sgld_steps` steps of `vaekit.evaluation.samplers.langevin`,
 
     y <- clamp(y - (eta / 2) grad E(y) + sgld_noise w, 0, 1),   w ~ N(0, I), eta = sgld_step_size,
 
+(sgld_noise = sqrt(eta) by default: Langevin dynamics proper; Du & Mordatch's colder sampler is
+eta = 20, sgld_noise = 0.005)
+
 from `replay` (buffer_size, *shape), a buffer of past negatives saved in the state_dict, with a
 fraction `reinit_prob` of each batch's chains restarted from uniform noise; the chains' final states
 go back into the buffer. `vaekit.objectives.ContrastiveEnergy` turns them into the loss.
@@ -80,13 +83,13 @@ class EnergyModel(nn.Module):
         net: Any = None,
         train: Tensor | None = None,
         energy_net: nn.Module | None = None,
-        sgld_steps: int = 20,
-        sgld_step_size: float = 20.0,
-        sgld_noise: float = 0.005,
+        sgld_steps: int = 40,
+        sgld_step_size: float = 0.01,
+        sgld_noise: float | None = None,
         sgld_grad_clip: float | None = None,
         buffer_size: int = 10000,
         reinit_prob: float = 0.05,
-        alpha: float = 1.0,
+        alpha: float = 0.01,
         spectral_norm: bool = False,
         sample_steps: int = 100,
         data_range: tuple[float, float] = (0.0, 1.0),
@@ -96,7 +99,8 @@ class EnergyModel(nn.Module):
         check_sampler_settings(sgld_steps, buffer_size, reinit_prob)
         rules = [
             (sgld_step_size > 0, f"model.sgld_step_size must be positive, not {sgld_step_size}."),
-            (sgld_noise >= 0, f"model.sgld_noise must be 0 or more, not {sgld_noise}."),
+            (sgld_noise is None or sgld_noise >= 0,
+             f"model.sgld_noise must be 0 or more (or null: sqrt(eta)), not {sgld_noise}."),
             (sgld_grad_clip is None or sgld_grad_clip > 0,
              f"model.sgld_grad_clip must be positive (or null: off), not {sgld_grad_clip}."),
             (alpha >= 0, f"model.alpha must be 0 or more, not {alpha}."),
@@ -130,7 +134,8 @@ class EnergyModel(nn.Module):
         self.likelihood = DequantizedLevels()
         self.sgld_steps = sgld_steps
         self.sgld_step_size = float(sgld_step_size)
-        self.sgld_noise = float(sgld_noise)
+        # null: sqrt(eta), Langevin dynamics proper; less is the usual colder SGLD of EBM training
+        self.sgld_noise = math.sqrt(sgld_step_size) if sgld_noise is None else float(sgld_noise)
         self.sgld_grad_clip = sgld_grad_clip
         self.buffer_size = buffer_size
         self.reinit_prob = float(reinit_prob)
@@ -147,11 +152,6 @@ class EnergyModel(nn.Module):
     def num_dims(self) -> int:
         """D, the number of values per example."""
         return math.prod(self.data_shape)
-
-    @property
-    def noise_scale(self) -> float:
-        """The sampler's noise_scale: sgld_noise / sqrt(eta) (1 is exact Langevin dynamics)."""
-        return self.sgld_noise / math.sqrt(self.sgld_step_size)
 
     def forward(self, y: Tensor) -> Tensor:
         """E(y) of dequantized examples y (B, *shape): (B,)."""

@@ -38,6 +38,7 @@ VAEKIT_TARGETS = frozenset(
         "vaekit.hierarchical.TwoLevelVAE",
         "vaekit.hierarchical.TopDownVAE",
         "vaekit.image_rbm.ImageRBM",
+        "vaekit.ebm.EnergyModel",
         "vaekit.priors.StandardPrior",
         "vaekit.priors.MixtureOfGaussiansPrior",
         "vaekit.priors.VampPrior",

@@ -45,7 +45,7 @@ def evaluate_run(
     if ais_betas is not None and ais_betas < 2:
         raise VaekitError(f"--ais-betas must be at least 2 (0 and 1), not {ais_betas}.")
     run = load_run(Path(run_dir), device, trust)
-    if getattr(run.model, "trained_by", None) == "cd":
+    if getattr(run.model, "trained_by", None) in ("cd", "contrastive"):  # model=rbm, model=ebm: AIS
         saved = run.config.get("eval", {})
         chains = k or saved.get("ais_chains", DEFAULTS.ais_chains)
         betas = ais_betas or saved.get("ais_betas", DEFAULTS.ais_betas)
@@ -108,7 +108,7 @@ def score_run(
 def score_rbm(
     run: Run, chains: int, betas: int, split: str, batch_size: int, seed: int, progress: bool = True
 ) -> dict[str, Any]:
-    """A model=rbm's AIS metrics on one split (`evaluate_model` with chains and betas), written
+    """A model=rbm's or model=ebm's AIS metrics on one split (`evaluate_model` with chains and betas), written
     beside its checkpoint as eval_<split>_k<chains>.json."""
     x = run.data.test if split == "test" else run.data.val
     metrics, _ = evaluate_model(run.model, x, chains, None, batch_size, seed, progress, ais_chains=chains,
@@ -165,16 +165,18 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _rbm_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
-    """The rows of a model=rbm's table: the AIS NLL and log Z with their standard errors."""
-    hidden = sum(result["latent_dims"].values())
-    return [
+    """The rows of a model=rbm's or model=ebm's table: the AIS NLL and log Z with their errors."""
+    hidden = sum(result["latent_dims"].values())  # 0 for model=ebm, which has no latents
+    rows = [
         (f"NLL, AIS with {result['ais_chains']} chains x {result['ais_betas']} betas (nats)",
          f"{result['iw_nll']:.3f} +- {result['iw_nll_stderr']:.3f}"),  # fmt: skip
         ("  log Z", f"{result['log_z']:.3f} +- {result['log_z_stderr']:.3f}"),
         ("  mean free energy", f"{result['free_energy']:.3f}"),
         ("bits/dim", f"{result['bpd']:.4f}"),
-        ("active hidden units", f"{result['active_units_total']} / {hidden}"),
     ]
+    if hidden:
+        rows.append(("active hidden units", f"{result['active_units_total']} / {hidden}"))
+    return rows
 
 
 def _table(result: dict[str, Any], rows: list[tuple[str, str]]) -> str:

@@ -6,6 +6,9 @@ as the sampler of a figure.
 - a one-level VAE, `--from INDEX`: chains on the latent posterior of one test image x,
   p(z|x) ∝ p(x|z) p(z), i.e. the energy E(z) = -log p(x|z) - log p(z), started at the mean of
   q(z|x) ("Langevin instead of Gibbs"); the figure is x followed by the decoded chains.
+- model=ebm: chains on its energy E(y) with its training sampler's settings (step size, noise,
+  clipping, clamping to [0, 1]; `--mala`: the exact sampler), started at uniform noise or, with
+  `--init buffer`, at its replay buffer's states.
 """
 
 from __future__ import annotations
@@ -61,9 +64,39 @@ def posterior_langevin_images(
     return torch.cat([x, decoded])
 
 
-def check_langevin_options(model: nn.Module, source: int | None, steps: int | None, step_size: float) -> None:
-    """One sentence for options that do not fit the model: a VAE needs --from INDEX, an RBM none."""
-    if getattr(model, "trained_by", None) == "cd":
+INITS = ("noise", "buffer")
+
+
+def ebm_langevin_images(
+    model: Any, n: int, steps: int, step_size: float | None, mala: bool, init: str | None
+) -> Tensor:
+    """n images (n, C, H, W) from Langevin chains on a model=ebm's energy: `steps` steps of its
+    training sampler (`step_size`, if given, replaces its sgld_step_size; `mala`: exact MALA),
+    started at uniform noise (`init` None or "noise") or at n random replay-buffer states ("buffer")."""
+    if init == "buffer":
+        y0 = model.replay[torch.randperm(model.replay.shape[0], device=model.replay.device)[:n]]
+    else:
+        y0 = model.noise(n)
+    return model.langevin(y0, steps, step_size, mala).x
+
+
+def check_langevin_options(
+    model: nn.Module, source: int | None, steps: int | None, step_size: float | None, init: str | None = None
+) -> None:
+    """One sentence for options that do not fit the model: a VAE needs --from INDEX, an RBM and an
+    EBM none; --init is an EBM's."""
+    trained_by = getattr(model, "trained_by", None)
+    if init is not None and init not in INITS:
+        raise VaekitError(f"--init must be one of {', '.join(INITS)}, not {init}.")
+    if init is not None and trained_by != "contrastive":
+        raise VaekitError(
+            f"--init {init} chooses where a model=ebm's chains start (noise or its replay buffer), and "
+            f"this run is not model=ebm: drop --init."
+        )
+    if trained_by == "contrastive":
+        if source is not None:
+            raise VaekitError("--from samples a VAE's latent posterior: model=ebm samples its energy.")
+    elif trained_by == "cd":
         if source is not None:
             raise VaekitError("--from samples a VAE's latent posterior: model=rbm samples its visible units.")
     elif source is None:
@@ -73,5 +106,5 @@ def check_langevin_options(model: nn.Module, source: int | None, steps: int | No
         )
     if steps is not None and steps < 1:
         raise VaekitError(f"--steps must be at least 1 Langevin step, not {steps}.")
-    if not step_size > 0:
+    if step_size is not None and not step_size > 0:  # None: an EBM's own sgld_step_size
         raise VaekitError(f"--step-size must be positive, not {step_size}.")

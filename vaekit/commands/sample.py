@@ -30,7 +30,12 @@ from torch.distributions import (
 from vaekit.commands.figures import save_grid, save_scatter
 from vaekit.commands.langevin import DEFAULT_STEP_SIZE as DEFAULT_LANGEVIN_STEP
 from vaekit.commands.langevin import DEFAULT_STEPS as DEFAULT_LANGEVIN_STEPS
-from vaekit.commands.langevin import check_langevin_options, posterior_langevin_images, rbm_langevin_images
+from vaekit.commands.langevin import (
+    check_langevin_options,
+    ebm_langevin_images,
+    posterior_langevin_images,
+    rbm_langevin_images,
+)
 from vaekit.errors import VaekitError
 from vaekit.latents import lerp, mean_of, posterior_means, require_one_level, slerp
 from vaekit.rng import check_seed
@@ -285,18 +290,30 @@ def langevin_figure(
     source: int | None,
     step_size: float | None,
     mala: bool,
+    init: str | None = None,
 ) -> Path:
     """The figure of `--sampler langevin` (see `sample_figure`): n chains (default 64) of `steps`
-    (default 500) steps; with `source`, test image `source` first, then its posterior's decodings."""
-    step_size = DEFAULT_LANGEVIN_STEP if step_size is None else step_size
+    (default 500; a model=ebm's model.sample_steps) steps; with `source`, test image `source` first,
+    then its posterior's decodings; a model=ebm's chains start at `init` (noise or buffer)."""
     n = DEFAULT_N["samples"] if n is None else n
     if not 1 <= n <= MAX_FIGURE_IMAGES - 1:
         raise VaekitError(f"--n must be between 1 and {MAX_FIGURE_IMAGES - 1}, not {n}.")
     check_seed(seed, "--seed")
+    if step_size is not None and not step_size > 0:
+        raise VaekitError(f"--step-size must be positive, not {step_size}.")
     run = load_run(Path(run_dir), device, trust)
-    check_langevin_options(run.model, source, steps, step_size)
-    steps = DEFAULT_LANGEVIN_STEPS if steps is None else steps
+    check_langevin_options(run.model, source, steps, step_size, init)
     out = Path(out) if out is not None else run.run_dir / "langevin.png"
+    if getattr(run.model, "trained_by", None) == "contrastive":  # model=ebm: its own sampler's settings
+        if init == "buffer" and n > run.model.buffer_size:
+            size = run.model.buffer_size
+            raise VaekitError(f"--n {n} is more than the {size} states of the replay buffer: lower --n.")
+        torch.manual_seed(seed)
+        steps = run.model.sample_steps if steps is None else steps
+        images = ebm_langevin_images(run.model, n, steps, step_size, mala, init)
+        return save_grid(images, out, nrow=min(8, n))
+    step_size = DEFAULT_LANGEVIN_STEP if step_size is None else step_size
+    steps = DEFAULT_LANGEVIN_STEPS if steps is None else steps
     torch.manual_seed(seed)
     if source is None:  # model=rbm
         return save_grid(rbm_langevin_images(run.model, n, steps, step_size, mala), out, nrow=min(8, n))
@@ -322,6 +339,7 @@ def sample_figure(
     source: int | None = None,
     step_size: float | None = None,
     mala: bool = False,
+    init: str | None = None,
 ) -> Path:
     """Draw one figure of `run_dir/best.pt` as a PNG; returns its path.
 
@@ -331,17 +349,20 @@ def sample_figure(
     within or (one) to decode the manifold of; its prior samples default to every class in turn,
     one class per column (8 rows of them unless n is given). `sampler` "langevin" (prior samples
     only): Langevin chains of `steps` steps of size `step_size` (MALA with `mala`), on a
-    Gaussian-visible RBM's free energy, or on a VAE's latent posterior of test image `source`
+    Gaussian-visible RBM's free energy, on a VAE's latent posterior of test image `source`, or on a
+    model=ebm's energy from `init` ("noise", default, or "buffer": its replay buffer)
     (`vaekit.commands.langevin`); "gibbs" (model=rbm's default) block Gibbs chains.
     """
     if mode not in MODES:
         raise VaekitError(f"mode must be one of {', '.join(MODES)}, not {mode}.")
     if sampler is not None and mode != "samples":
         raise VaekitError(f"--sampler applies to samples, not to --{mode}.")
-    if sampler != "langevin" and (source is not None or step_size is not None or mala):
-        raise VaekitError("--from, --step-size and --mala set up Langevin chains: add --sampler langevin.")
+    if sampler != "langevin" and (source is not None or step_size is not None or mala or init is not None):
+        raise VaekitError(
+            "--from, --step-size, --mala and --init set up Langevin chains: add --sampler langevin."
+        )
     if sampler == "langevin":
-        return langevin_figure(run_dir, n, out, steps, seed, device, trust, source, step_size, mala)
+        return langevin_figure(run_dir, n, out, steps, seed, device, trust, source, step_size, mala, init)
     if labels is not None and mode in ("reconstruct", "scatter"):
         raise VaekitError(
             f"--label applies to prior samples, --interpolate and --manifold; --{mode} uses each test "

@@ -23,7 +23,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vaekit.build import build, check_model_choices, check_settings, instantiate_group, is_rbm, resolve_device
+from vaekit.build import (
+    build,
+    check_model_choices,
+    check_settings,
+    instantiate_group,
+    resolve_device,
+    scored_by_ais,
+)
 from vaekit.commands.rerun import find_rerun
 from vaekit.commands.threads import set_job_threads
 from vaekit.data import DeviceData
@@ -74,8 +81,8 @@ def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 def fit_fields(state: Any, cfg: DictConfig, data: DeviceData) -> dict[str, Any]:
     """The metrics.json fields that describe the fit itself, and the checksums of the data it
     was trained and scored on (`vaekit report` ranks only runs of one test set)."""
-    # nelbo, iwae for objective=iwae, nll (a short AIS) for model=rbm
-    watched = "nll" if is_rbm(cfg) else build_objective(cfg.get("objective")).stopping_key
+    # nelbo, iwae for objective=iwae, nll (a short AIS) for model=rbm and model=ebm
+    watched = "nll" if scored_by_ais(cfg) else build_objective(cfg.get("objective")).stopping_key
     return {
         "best_epoch": state.best_epoch,
         "epochs": state.epoch,
@@ -88,8 +95,8 @@ def fit_fields(state: Any, cfg: DictConfig, data: DeviceData) -> dict[str, Any]:
         "status": state.status,
         "device": str(data.device),
         "processes": distributed.current().size,  # DDP: how many trained the run (this session)
-        "iw_samples": None if is_rbm(cfg) else cfg.eval.iw_samples,  # an RBM's NLL: AIS (test_ais_*)
-        "nelbo_samples": None if is_rbm(cfg) else cfg.eval.nelbo_samples or cfg.eval.iw_samples,
+        "iw_samples": None if scored_by_ais(cfg) else cfg.eval.iw_samples,  # RBM, EBM: AIS (test_ais_*)
+        "nelbo_samples": None if scored_by_ais(cfg) else cfg.eval.nelbo_samples or cfg.eval.iw_samples,
         "data_checksums": dict(data.checksums),
         # model.conditional=true: the test NELBO and IW-NLL are of log p(x|y), not comparable with log p(x)
         **({"conditional": True} if cfg.model.get("conditional") else {}),
@@ -430,7 +437,8 @@ def train_job(cfg: DictConfig, hydra_cfg: Any, run_dir: Path, record: dict[str, 
     if not distributed.current().is_main:
         record = {}  # failures are recorded by rank 0 alone
     if not cfg.resume:  # a resumed run keeps the saved choices
-        check_model_choices(cfg, hydra_cfg.runtime.choices)  # model=rbm: no prior, posterior, net
+        # model=rbm: no prior, posterior, net; model=ebm: no prior, posterior, likelihood
+        check_model_choices(cfg, hydra_cfg.runtime.choices, list(hydra_cfg.overrides.task))
     with RunLock(run_dir) if distributed.holds_lock() else contextlib.nullcontext():
         checkpoint, on_fit_start = None, None
         if cfg.resume:  # refused until fitting starts: nothing of the run changes

@@ -177,6 +177,54 @@ class BoxedNormal(Distribution):
         return torch.minimum(torch.maximum(self.loc + self.scale * z, self.low), self.high)
 
 
+class UniformBox(Distribution):
+    """The uniform distribution on the box [low, high] (tensors shaped like one example): density
+    1 / prod(high - low) inside, 0 outside."""
+
+    arg_constraints: dict[str, Any] = {}
+    has_rsample = False
+
+    def __init__(self, low: Tensor, high: Tensor) -> None:
+        self.low, self.high = low, high
+        self._log_volume = (high - low).double().log().sum().item()
+        super().__init__(batch_shape=torch.Size(), event_shape=low.shape, validate_args=False)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """-log prod(high - low) inside the box, -inf outside: (B, *shape) -> (B,)."""
+        inside = ((x >= self.low) & (x <= self.high)).flatten(1).all(1)
+        return torch.where(inside, -self._log_volume, -math.inf).to(x.dtype)
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        """Draws (*sample_shape, *shape)."""
+        shape = torch.Size(sample_shape) + self.event_shape
+        u = torch.rand(shape, dtype=self.low.dtype, device=self.low.device)
+        return self.low + (self.high - self.low) * u
+
+
+class EvenMixture(Distribution):
+    """(1/K) sum_k p_k(x) of K distributions of one event shape: log_prob by logsumexp, draws from a
+    component picked uniformly per draw."""
+
+    arg_constraints: dict[str, Any] = {}
+    has_rsample = False
+
+    def __init__(self, components: list[Distribution]) -> None:
+        self.components = components
+        super().__init__(batch_shape=torch.Size(), event_shape=components[0].event_shape, validate_args=False)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log (1/K) sum_k p_k(x): (B, *shape) -> (B,)."""
+        parts = torch.stack([component.log_prob(x) for component in self.components])  # (K, B)
+        return torch.logsumexp(parts, 0) - math.log(len(self.components))
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        """Draws (n, *shape) for sample_shape (n,): every component drawn, one kept per draw."""
+        (n,) = tuple(sample_shape)
+        draws = torch.stack([component.sample((n,)) for component in self.components])  # (K, n, *shape)
+        pick = torch.randint(len(self.components), (n,), device=draws.device)
+        return draws[pick, torch.arange(n, device=draws.device)]
+
+
 class TemperedEnergy:
     """-log f_beta(x) = -(1 - beta) log p_base(x) + beta E(x), the energy of AIS's intermediate
     distribution at inverse temperature beta: (B, *shape) -> (B,)."""
@@ -198,6 +246,7 @@ def energy_ais_log_z(
     clamp: tuple[Tensor | float, Tensor | float] | None = None,
     mala_steps: int = 1,
     adapt: bool = True,
+    progress: bool = False,
 ) -> AISResult:
     """log Z = log int exp(-E(x)) dx of any energy (B, *shape) -> (B,) by AIS from a normalized
     `base` distribution (event_shape = one example's), on the path
@@ -213,7 +262,7 @@ def energy_ais_log_z(
     log Z ~= log mean w (Z_base = 1), float64. With `adapt` the step size is multiplied or divided
     by AIS_STEP_FACTOR after each temperature as the acceptance rate is above or below
     AIS_TARGET_ACCEPT (as Wu et al., 2017 adapt HMC's); the chains then still give a valid weight
-    for every transition, each of which leaves its f_k invariant.
+    for every transition, each of which leaves its f_k invariant. `progress`: a bar on a terminal.
     """
     if num_chains < 1:
         raise VaekitError(f"AIS needs at least one chain, not {num_chains}.")
@@ -222,7 +271,8 @@ def energy_ais_log_z(
     betas = torch.linspace(0.0, 1.0, num_betas, dtype=torch.float64).tolist()
     x = base.sample((num_chains,))
     log_w = torch.zeros(num_chains, dtype=torch.float64, device=x.device)
-    for k in range(1, num_betas):
+    shown = None if progress else True  # None: a bar on a terminal only
+    for k in tqdm(range(1, num_betas), desc="AIS log Z", unit="beta", leave=False, disable=shown):
         log_w -= (betas[k] - betas[k - 1]) * (energy(x).double() + base.log_prob(x).double())
         if k == num_betas - 1:  # the last sample would only be used by a next weight
             break
@@ -247,15 +297,19 @@ class StandardizedEnergy:
 
 
 @torch.no_grad()
-def ebm_log_z(model: Any, num_chains: int, num_betas: int) -> AISResult:
+def ebm_log_z(model: Any, num_chains: int, num_betas: int, progress: bool = False) -> AISResult:
     """log Z of a model=ebm (`vaekit.ebm.EnergyModel`) on its data range by `energy_ais_log_z`, from
-    the factorized normal fitted to the training split (data_mean, data_std) truncated to the range:
-    run in standardized coordinates z = (y - m) / s, so log Z = log Z_z + sum log s."""
+    an even mixture of the factorized normal fitted to the training split (data_mean, data_std)
+    truncated to the range and the uniform distribution on it: the first suits a model close to the
+    data, the second finds the mass of one that is not (which a base near the data alone would miss,
+    badly underestimating log Z). Run in standardized coordinates z = (y - m) / s, so
+    log Z = log Z_z + sum log s."""
     mean, std = model.data_mean, model.data_std
     low, high = ((value - mean) / std for value in model.data_range)
-    base = BoxedNormal(torch.zeros_like(mean), torch.ones_like(std), low, high)
+    fitted = BoxedNormal(torch.zeros_like(mean), torch.ones_like(std), low, high)
+    base = EvenMixture([fitted, UniformBox(low, high)])
     result = energy_ais_log_z(StandardizedEnergy(model.energy, mean, std), base, num_chains, num_betas,
-                              clamp=(base.low, base.high))  # fmt: skip
+                              clamp=(low, high), progress=progress)  # fmt: skip
     jacobian = std.double().log().sum().item()
     return AISResult(log_z=result.log_z + jacobian, stderr=result.stderr, log_weights=result.log_weights)
 
@@ -268,6 +322,7 @@ def ebm_estimates(
     num_betas: int,
     batch_size: int = 4096,
     draws: int = DEQUANTIZATION_DRAWS,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Test numbers of a model=ebm on images x (N, C, H, W) in [0, 1], nats:
 
@@ -277,7 +332,7 @@ def ebm_estimates(
     `ebm_log_z`, which is also recorded in `model.log_z`. AIS's log Z is a stochastic lower bound
     (E[log Z_hat] <= log Z, Jensen), so this NLL is optimistic by the AIS error.
     """
-    result = ebm_log_z(model, num_chains, num_betas)
+    result = ebm_log_z(model, num_chains, num_betas, progress)
     model.log_z.fill_(result.log_z)
     energies = torch.cat([
         torch.stack([model.energy(model.dequantize(xb)).double() for _ in range(draws)]).mean(0)

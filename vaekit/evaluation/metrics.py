@@ -115,12 +115,15 @@ def evaluate_model(
     processes) the importance pass is shared out (`importance_estimates`), each process seeded
     with `shard.seed(seed)`; the posterior means are computed whole in every process. `y` (N,):
     the labels of x, for a conditional model (its NELBO and IW-NLL are then of log p(x|y)).
-    A model=rbm is scored by `rbm_metrics` instead (AIS with ais_chains and ais_betas).
+    A model=rbm is scored by `rbm_metrics` instead (AIS with ais_chains and ais_betas), a model=ebm
+    by `ebm_metrics`.
     """
     model.eval()
     num_dims = math.prod(x.shape[1:])
     if getattr(model, "trained_by", None) == "cd":  # model=rbm: AIS, not importance weights
         return rbm_metrics(model, x, ais_chains, ais_betas, batch_size, seed, progress)
+    if getattr(model, "trained_by", None) == "contrastive":  # model=ebm: AIS as well
+        return ebm_metrics(model, x, ais_chains, ais_betas, batch_size, seed, progress)
     torch.manual_seed(seed if shard is None else shard.seed(seed))
     estimates = importance_estimates(model, x, iw_samples, nelbo_samples, chunk_elements, progress, shard, y)
     torch.manual_seed(seed)
@@ -170,3 +173,39 @@ def rbm_metrics(
         "latent_dims": {level: int(mean.shape[1]) for level, mean in means.items()},
     }
     return metrics, means
+
+
+def ebm_metrics(
+    model: nn.Module,
+    x: Tensor,
+    ais_chains: int,
+    ais_betas: int,
+    batch_size: int,
+    seed: int,
+    progress: bool = False,
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The test metrics of a model=ebm on x, seeded with `seed`: the dequantized NLL bound with log Z
+    by AIS (`vaekit.evaluation.ais.ebm_estimates`) in the VAEs' `iw_nll` key, `estimator` "ais"
+    beside it, its standard error, log Z with its own, bits/dim, the mean energy (`free_energy`, the
+    key model=rbm's mean free energy has). AIS's log Z is a
+    stochastic lower bound, so the NLL is optimistic. No latent variables: no posterior means."""
+    from vaekit.evaluation.ais import DEQUANTIZATION_DRAWS, ebm_estimates
+
+    torch.manual_seed(seed)
+    estimates = ebm_estimates(model, x, ais_chains, ais_betas, batch_size, progress=progress)
+    nll = estimates["nll"]
+    metrics: dict[str, Any] = {
+        "iw_nll": nll,
+        "iw_nll_stderr": estimates["nll_stderr"],
+        "bpd": bits_per_dim(nll, math.prod(x.shape[1:])),
+        "estimator": "ais",
+        "ais_chains": ais_chains,
+        "ais_betas": ais_betas,
+        "log_z": estimates["log_z"],
+        "log_z_stderr": estimates["log_z_stderr"],
+        "free_energy": estimates["energy"],  # mean E_u[E(y)]: an EBM's energy is its free energy
+        "dequantization_draws": DEQUANTIZATION_DRAWS,
+        "active_units": {},
+        "latent_dims": {},
+    }
+    return metrics, {}

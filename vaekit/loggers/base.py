@@ -65,7 +65,8 @@ def model_grids(
     model: nn.Module, x: Tensor, num: int = 64, draw: bool = False, y: Tensor | None = None
 ) -> dict[str, Tensor]:
     """{"samples", "reconstructions"}: grids of `num` samples, and of x beside its reconstruction
-    (pairs along each row): the means of p(x|z), or with `draw` samples from it.
+    (pairs along each row): the means of p(x|z), or with `draw` samples from it. A model=ebm's
+    samples are Langevin chains from fresh noise, and "buffer_samples" shows its replay buffer.
 
     A conditional model (model.conditional=true) reconstructs x with its labels y (N,), and its
     sample grid holds one row of GRID_PER_CLASS samples per class 0, 1, ... (at most GRID_CLASSES).
@@ -85,5 +86,8 @@ def model_grids(
         given = {"y": y[: num // 2]} if conditional and y is not None else {}  # x's labels
         pairs = torch.stack([x, model.reconstruct(x, draw=draw, **given)], dim=1).flatten(0, 1)
         reconstructions = image_grid(pairs)
+        grids = {"samples": samples, "reconstructions": reconstructions}
+        if hasattr(model, "buffer_samples"):  # model=ebm: its replay buffer beside the fresh chains
+            grids["buffer_samples"] = image_grid(model.buffer_samples(num))
     model.train(was_training)
-    return {"samples": samples, "reconstructions": reconstructions}
+    return grids

@@ -33,8 +33,10 @@ def epoch_line(
         parts.append(f"train NELBO {train['nelbo']:.2f}")
     if "free_energy" in train:  # model=rbm
         parts.append(f"train free energy {train['free_energy']:.2f}")
+    if "energy_gap" in train:  # model=ebm: energies of the data and of the SGLD negatives
+        parts.append(f"train energy data {train['energy_data']:.3f} gap {train['energy_gap']:.3f}")
     best = " (best)" if improved else ""
-    if "nll" in val:  # model=rbm: a short AIS estimate of the validation NLL
+    if "nll" in val:  # model=rbm, model=ebm: a short AIS estimate of the validation NLL
         parts.append(f"val NLL (AIS) {val['nll']:.2f}{best}")
     elif "iwae" in val:  # objective=iwae: early stopping watches the validation bound
         parts.append(f"val NELBO {val['nelbo']:.2f}")
