@@ -83,6 +83,26 @@ def score_run(
     conditional = getattr(run.model, "conditional", False)  # model.conditional=true: log p(x|y)
     y = (run.data.test_labels if split == "test" else run.data.val_labels) if conditional else None
     metrics, _ = evaluate_model(run.model, x, k, nelbo_samples, batch_size, seed, progress, y=y)
+    extra = {"nelbo_samples": nelbo_samples or k, "batch_size": batch_size}
+    if conditional:
+        extra["conditional"] = True  # its NELBO and IW-NLL are of log p(x|y)
+    return write_result(run, split, x, k, seed, {**extra, **metrics})
+
+
+def score_rbm(
+    run: Run, chains: int, betas: int, split: str, batch_size: int, seed: int, progress: bool = True
+) -> dict[str, Any]:
+    """A model=rbm's or model=ebm's AIS metrics on one split (`evaluate_model` with chains and
+    betas), written beside its checkpoint as eval_<split>_k<chains>.json."""
+    x = run.data.test if split == "test" else run.data.val
+    metrics, _ = evaluate_model(run.model, x, chains, None, batch_size, seed, progress, ais_chains=chains,
+                                ais_betas=betas)  # fmt: skip
+    return write_result(run, split, x, chains, seed, metrics)
+
+
+def write_result(run: Run, split: str, x: Any, k: int, seed: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's record (run, checkpoint, split, k, seed, device, the split's checksum and
+    `metrics`), written to `result_path` and returned with its "path"."""
     result: dict[str, Any] = {
         "run_dir": str(run.run_dir),
         "checkpoint": run.checkpoint.name,
@@ -90,43 +110,13 @@ def score_run(
         "split": split,
         "num_examples": int(x.shape[0]),
         "k": k,
-        "nelbo_samples": nelbo_samples or k,
         "seed": seed,
-        "batch_size": batch_size,
         "device": str(run.device),
         "checksum": run.data.checksums[split],  # of the split as scored: the same on every device
         **metrics,
-        **({"conditional": True} if conditional else {}),  # its NELBO and IW-NLL are of log p(x|y)
     }
     result["active_units_total"] = sum(result["active_units"].values())
     path = result_path(run.run_dir, split, k, run.checkpoint.name)
-    write_json(path, result)
-    result["path"] = str(path)
-    return result
-
-
-def score_rbm(
-    run: Run, chains: int, betas: int, split: str, batch_size: int, seed: int, progress: bool = True
-) -> dict[str, Any]:
-    """A model=rbm's or model=ebm's AIS metrics on one split (`evaluate_model` with chains and betas), written
-    beside its checkpoint as eval_<split>_k<chains>.json."""
-    x = run.data.test if split == "test" else run.data.val
-    metrics, _ = evaluate_model(run.model, x, chains, None, batch_size, seed, progress, ais_chains=chains,
-                                ais_betas=betas)  # fmt: skip
-    result: dict[str, Any] = {
-        "run_dir": str(run.run_dir),
-        "checkpoint": run.checkpoint.name,
-        "epoch": run.epoch,
-        "split": split,
-        "num_examples": int(x.shape[0]),
-        "k": chains,
-        "seed": seed,
-        "device": str(run.device),
-        "checksum": run.data.checksums[split],
-        **metrics,
-    }
-    result["active_units_total"] = sum(result["active_units"].values())
-    path = result_path(run.run_dir, split, chains, run.checkpoint.name)
     write_json(path, result)
     result["path"] = str(path)
     return result

@@ -158,8 +158,22 @@ def rbm_metrics(
     estimates = rbm_estimates(model, x, ais_chains, ais_betas, batch_size, progress)
     torch.manual_seed(seed)
     means = posterior_means(model, x, batch_size)
+    metrics = ais_record(estimates, x, ais_chains, ais_betas, estimates["free_energy"])
+    metrics.update(
+        active_units=active_units(means),
+        latent_dims={level: int(mean.shape[1]) for level, mean in means.items()},
+    )
+    return metrics, means
+
+
+def ais_record(
+    estimates: dict[str, float], x: Tensor, ais_chains: int, ais_betas: int, mean_energy: float
+) -> dict[str, Any]:
+    """The metrics an AIS estimate gives (model=rbm, model=ebm): the NLL in the VAEs' `iw_nll` key
+    with `estimator` "ais", its standard error, bits/dim, the AIS settings, log Z with its standard
+    error, and the mean (free) energy of x."""
     nll = estimates["nll"]
-    metrics: dict[str, Any] = {
+    return {
         "iw_nll": nll,
         "iw_nll_stderr": estimates["nll_stderr"],
         "bpd": bits_per_dim(nll, math.prod(x.shape[1:])),
@@ -168,11 +182,8 @@ def rbm_metrics(
         "ais_betas": ais_betas,
         "log_z": estimates["log_z"],
         "log_z_stderr": estimates["log_z_stderr"],
-        "free_energy": estimates["free_energy"],
-        "active_units": active_units(means),
-        "latent_dims": {level: int(mean.shape[1]) for level, mean in means.items()},
+        "free_energy": mean_energy,
     }
-    return metrics, means
 
 
 def ebm_metrics(
@@ -193,19 +204,7 @@ def ebm_metrics(
 
     torch.manual_seed(seed)
     estimates = ebm_estimates(model, x, ais_chains, ais_betas, batch_size, progress=progress)
-    nll = estimates["nll"]
-    metrics: dict[str, Any] = {
-        "iw_nll": nll,
-        "iw_nll_stderr": estimates["nll_stderr"],
-        "bpd": bits_per_dim(nll, math.prod(x.shape[1:])),
-        "estimator": "ais",
-        "ais_chains": ais_chains,
-        "ais_betas": ais_betas,
-        "log_z": estimates["log_z"],
-        "log_z_stderr": estimates["log_z_stderr"],
-        "free_energy": estimates["energy"],  # mean E_u[E(y)]: an EBM's energy is its free energy
-        "dequantization_draws": DEQUANTIZATION_DRAWS,
-        "active_units": {},
-        "latent_dims": {},
-    }
+    # the mean E_u[E(y)]: an EBM's energy is its free energy
+    metrics = ais_record(estimates, x, ais_chains, ais_betas, estimates["energy"])
+    metrics.update(dequantization_draws=DEQUANTIZATION_DRAWS, active_units={}, latent_dims={})
     return metrics, {}
