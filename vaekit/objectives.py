@@ -177,7 +177,19 @@ class CDTerms:
         return {"free_energy": self.free_energy, "cd_gap": self.loss}
 
 
-class ContrastiveDivergence(Objective):
+class AISValidated(Objective):
+    """Base of the objectives of models without importance weights (RBM, EBM), which early stopping
+    judges by a short AIS estimate of the validation NLL: `val_chains` chains, `val_betas`
+    temperatures, at the trainer's fixed validation seed (their losses are no likelihood)."""
+
+    stopping_key = "nll"
+
+    def __init__(self, val_chains: int, val_betas: int) -> None:
+        self.val_chains = val_chains
+        self.val_betas = val_betas
+
+
+class ContrastiveDivergence(AISValidated):
     """CD-k (Hinton, 2002) or persistent CD (Tieleman, 2008) for model=rbm (`vaekit.image_rbm`):
 
         loss = mean_data F(v) - mean_negatives F(v-),
@@ -189,11 +201,6 @@ class ContrastiveDivergence(Objective):
     """
 
     name = "cd"
-    stopping_key = "nll"
-
-    def __init__(self, val_chains: int, val_betas: int) -> None:
-        self.val_chains = val_chains
-        self.val_betas = val_betas
 
     def __call__(
         self, model: nn.Module, x: Tensor, beta: float, free_bits: float, y: Tensor | None = None
@@ -237,7 +244,7 @@ class EnergyTerms:
         }
 
 
-class ContrastiveEnergy(Objective):
+class ContrastiveEnergy(AISValidated):
     """The contrastive loss of a deep EBM (Du & Mordatch, 2019) for model=ebm (`vaekit.ebm`):
 
         loss = mean E(x+) - mean E(x-) + alpha (mean E(x+)^2 + mean E(x-)^2),
@@ -252,11 +259,6 @@ class ContrastiveEnergy(Objective):
     """
 
     name = "contrastive"
-    stopping_key = "nll"
-
-    def __init__(self, val_chains: int, val_betas: int) -> None:
-        self.val_chains = val_chains
-        self.val_betas = val_betas
 
     def __call__(
         self, model: nn.Module, x: Tensor, beta: float, free_bits: float, y: Tensor | None = None

@@ -265,16 +265,8 @@ class SilentLogger(Logger):
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         pass
 
-    def images(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        step: int,
-        num: int = 64,
-        draw: bool = False,
-        y: Tensor | None = None,
-    ) -> None:
-        pass
+    def images(self, model: nn.Module, x: Tensor, step: int, *args: Any, **kwargs: Any) -> None:
+        pass  # the same arguments as Logger.images; rank 0 draws the grids
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         pass
