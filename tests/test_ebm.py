@@ -291,6 +291,30 @@ def test_a_binary_dataset_keeps_its_levels_for_an_ebm(tmp_path):
     assert not built.model.likelihood.binary_data and built.model.num_levels == 256
 
 
+def test_binarize_gives_an_ebm_the_bernoulli_models_binary_data_and_its_statistics(tmp_path):
+    from vaekit.build import build
+
+    write_fake_mnist(tmp_path / "data")
+    root = tmp_path / "data"
+    cfg = compose_train("model=ebm", "model.binarize=true", "dataset=mnist", f"dataset.root={root}",
+                        "dataset.val_size=20")  # fmt: skip
+    built = build(cfg, torch.device("cpu"))
+    data, generator = built.data, torch.Generator().manual_seed(0)
+    batch = data.train_batch(data.permutation(generator), 0, 32, generator)
+    for x in (batch, data.test):  # binarized, as a Bernoulli VAE's: afresh per batch, once for the test
+        assert set(torch.unique(x).tolist()) == {0.0, 1.0}
+    model = built.model
+    assert model.likelihood.binary_data and model.num_levels == 2
+    assert model.nll_offset == pytest.approx(784 * math.log(2))
+    # AIS's base: the moments of y = (b + u) / 2 over many dynamic binarizations of the split
+    x = built.raw.train.float().div(255).flatten(1)
+    draws = torch.cat([(torch.bernoulli(x) + torch.rand_like(x)) / 2 for _ in range(400)])
+    assert torch.allclose(model.data_mean.flatten(), draws.mean(0), atol=0.01)
+    assert torch.allclose(model.data_std.flatten(), draws.std(0), atol=0.01)
+    y = model.dequantize(batch)  # each value in its bit's half of [0, 1]
+    assert torch.equal(torch.floor(y * 2), batch)
+
+
 # -- the replay buffer through SIGKILL and resume ------------------------------------------------
 
 # epochs of about 0.1 s: 2 s of them after the third, when the run is killed

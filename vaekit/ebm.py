@@ -8,9 +8,11 @@ and x_int the integer pixel value the data are dequantized, y = (x_int + u) / L,
 
     -log P(x_int) <= E_u[E(y)] + log Z + D log L        (Theis et al., 2016),
 
-the bound `vaekit.evaluation.ais.ebm_estimates` reports with log Z by AIS. The images are never
-binarized: a binary dataset's default likelihood (MNIST's bernoulli) does not apply, and the EBM
-models its 256 levels like any other.
+the bound `vaekit.evaluation.ais.ebm_estimates` reports with log Z by AIS. A binary dataset's default
+likelihood (MNIST's bernoulli) does not apply: the EBM models the data's levels (MNIST's 256) like any
+other, or, with `binarize`, the images binarized as the Bernoulli VAEs and RBMs see them (x ~
+Bernoulli(intensity) afresh each epoch, a fixed draw for evaluation) with L = 2, so that its NLL is
+comparable with theirs.
 
 Negatives: `sgld_steps` steps of `vaekit.evaluation.samplers.langevin`,
 
@@ -43,11 +45,14 @@ from vaekit.image_rbm import training_statistics
 
 
 class DequantizedLevels:
-    """What model=ebm offers in place of a likelihood: the data keep their integer levels (never
-    binarized, `vaekit.build.device_data`), and the NLL is of the discrete data (a code length)."""
+    """What model=ebm offers in place of a likelihood: the NLL is of the discrete data (a code
+    length), of their own integer levels or, with `binary_data`, of the binarized images
+    (`vaekit.build.device_data` binarizes them as it does for Bernoulli likelihoods)."""
 
-    binary_data = False
     discrete = True
+
+    def __init__(self, binary_data: bool = False) -> None:
+        self.binary_data = binary_data
 
 
 class ScalarHead(nn.Module):
@@ -71,6 +76,7 @@ class EnergyModel(nn.Module):
     ((N, *shape) uint8 with levels, floats without), whose per-dimension mean and standard deviation
     (`data_mean`, `data_std`, buffers; None: placeholders for a checkpoint to fill) fit AIS's base.
     `latent_dim` is accepted for the config groups that read it and must equal net.hidden_dim.
+    `binarize`: model the images binarized (x ~ Bernoulli(x_int / (L - 1))) with 2 levels.
     `log_z` (a buffer, nan until estimated) is the latest AIS estimate of log Z.
     """
 
@@ -94,8 +100,11 @@ class EnergyModel(nn.Module):
         sample_steps: int = 100,
         data_range: tuple[float, float] = (0.0, 1.0),
         latent_dim: int | None = None,
+        binarize: bool = False,
     ) -> None:
         super().__init__()
+        if binarize and num_levels is None:
+            raise VaekitError("model.binarize=true needs images with intensity levels, not real-valued data.")
         check_sampler_settings(sgld_steps, buffer_size, reinit_prob)
         rules = [
             (sgld_step_size > 0, f"model.sgld_step_size must be positive, not {sgld_step_size}."),
@@ -130,8 +139,8 @@ class EnergyModel(nn.Module):
                     add_spectral_norm(module)
         self.energy_net = energy_net
         self.data_shape = tuple(data_shape)
-        self.num_levels = num_levels
-        self.likelihood = DequantizedLevels()
+        self.num_levels = 2 if binarize else num_levels
+        self.likelihood = DequantizedLevels(binary_data=binarize)
         self.sgld_steps = sgld_steps
         self.sgld_step_size = float(sgld_step_size)
         # null: sqrt(eta), Langevin dynamics proper; less is the usual colder SGLD of EBM training
@@ -142,7 +151,7 @@ class EnergyModel(nn.Module):
         self.alpha = float(alpha)
         self.sample_steps = sample_steps
         self.data_range = (float(data_range[0]), float(data_range[1]))
-        mean, std = data_statistics(train, self.data_shape, num_levels)
+        mean, std = data_statistics(train, self.data_shape, num_levels, binarize)
         self.register_buffer("data_mean", mean)  # (*shape): AIS's base, fitted to the training split
         self.register_buffer("data_std", std)
         self.register_buffer("log_z", torch.tensor(math.nan))
@@ -260,13 +269,18 @@ def check_sampler_settings(sgld_steps: int, buffer_size: int, reinit_prob: float
 
 
 def data_statistics(
-    train: Tensor | None, shape: tuple[int, ...], num_levels: int | None
+    train: Tensor | None, shape: tuple[int, ...], num_levels: int | None, binarize: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Mean and standard deviation (*shape) of each value of the training split: of the dequantized
-    y = (x_int + u) / L for images with levels (`vaekit.image_rbm.training_statistics`), of the
-    values themselves otherwise (floored at 1e-3); 0 and 1 without a split."""
+    y = (x_int + u) / L for images with levels (`vaekit.image_rbm.training_statistics`), of
+    y = (b + u) / 2 with b ~ Bernoulli(x_int / (L - 1)) for binarized ones, of the values themselves
+    otherwise (floored at 1e-3); 0 and 1 without a split."""
     if train is None:
         return torch.zeros(shape), torch.ones(shape)
+    if binarize:  # b's marginal over the split is Bernoulli(p), p the mean intensity; u adds 1/12
+        p = train.reshape(train.shape[0], -1).double().mean(0) / (num_levels - 1)
+        variance = p * (1 - p) / 4 + 1.0 / 48
+        return ((p + 0.5) / 2).float().view(shape), variance.sqrt().float().view(shape)
     if num_levels is not None:
         mean, std, _ = training_statistics(train, num_levels)
         return mean.view(shape), std.view(shape)
