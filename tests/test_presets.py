@@ -5,6 +5,7 @@ for a misspelled preset or missing data."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,17 @@ def test_debug_fast_trains_two_epochs_on_the_first_examples(tmp_path: Path):
     }
     scalars, images = read_events(tmp_path)
     assert images == set() and [step for step, _ in scalars["val/nelbo"]] == [1, 2]
+
+
+def test_debug_fast_runs_an_ebms_validation_and_test_ais_short(tmp_path: Path):
+    cfg = compose_train("+debug=fast", "model=ebm", "model.sgld_steps=2", "data.limit_train=100",
+                        "data.limit_eval=50", "net.hidden_dim=32")  # fmt: skip
+    metrics = train(cfg, tmp_path)
+    assert (metrics["test_ais_chains"], metrics["test_ais_betas"]) == (10, 200)
+    assert math.isfinite(metrics["test_iw_nll"]) and metrics["test_log_z_stderr"] > 0
+    assert (cfg.eval.val_ais_chains, cfg.eval.val_ais_betas) == (4, 100)
+    scalars, _ = read_events(tmp_path)
+    assert [step for step, _ in scalars["val/nll"]] == [1, 2]
 
 
 def test_first_examples_cuts_each_split_and_keeps_labels_aligned():
