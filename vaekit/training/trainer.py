@@ -28,7 +28,7 @@ from vaekit.schema import TrainerConfig
 from vaekit.shards import split_noise
 from vaekit.syncs import checks_are_free
 from vaekit.training import rng_state
-from vaekit.training.checkpoint import CHECKPOINT_FORMAT, load_weights, save_atomic
+from vaekit.training.checkpoint import CHECKPOINT_FORMAT, BackgroundSaver, load_weights, save_atomic
 from vaekit.training.distributed import World, current
 from vaekit.training.ema import EMA
 from vaekit.training.epoch_log import EpochLog, epoch_line
@@ -147,6 +147,7 @@ class Trainer:
         self.guard = StepGuard(settings.max_nonfinite_steps, sync_free=False, device=data.device)
         self.lr = float(optimizer.param_groups[0]["lr"])  # the lr of the current epoch
         self.objective = objective if objective is not None else Objective()
+        self.saver = BackgroundSaver()  # last.pt and best.pt are written while the next epoch runs
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> FitState:
@@ -188,6 +189,7 @@ class Trainer:
         finally:
             bar.close()
             self.profiler.close()
+            self.saver.wait()  # last.pt and best.pt are complete on disk when fit returns or raises
         self.world.barrier()  # the others read best.pt next: wait until rank 0 has written it
         if self.state.status == "early_stopped":
             st = self.state
@@ -420,6 +422,7 @@ class Trainer:
         self.state.status = "interrupted"
         snapshot = self.checkpoint()  # in every process: its sums are added up over them
         if self.world.is_main:
+            self.saver.wait()  # the epoch's file first, then this one over it
             save_atomic(snapshot, self.run_dir / "last.pt")
         raise Interrupted(
             f"stopped at epoch {self.state.epoch + 1}, step {self.progress.step} "
@@ -522,12 +525,13 @@ class Trainer:
             load_weights(self.model, checkpoint["raw_model"], path)
 
     def _save_last(self, also_best: bool) -> dict[str, Any]:
-        """last.pt every epoch; on improvement the same file is published as best.pt.
-        Returns the snapshot that was written (the roll-back target when it is finite)."""
+        """last.pt every epoch; on improvement the same file is published as best.pt. The
+        write runs in the background (`BackgroundSaver`) while the next epoch trains.
+        Returns the snapshot that is written (the roll-back target when it is finite)."""
         snapshot = self.checkpoint()
         best = self.run_dir / "best.pt" if also_best else None
         if self.world.is_main:
-            save_atomic(snapshot, self.run_dir / "last.pt", also=best)
+            self.saver.submit(snapshot, self.run_dir / "last.pt", also=best)
         return snapshot
 
 
