@@ -9,10 +9,12 @@ from torch.distributions import Bernoulli, Categorical, Normal
 
 from vaekit.errors import VaekitError
 from vaekit.likelihoods import (
+    BLOCK_ELEMENTS,
     BernoulliLikelihood,
     CategoricalLikelihood,
     GaussianLikelihood,
     QuantizedCategorical,
+    bernoulli_log_density,
 )
 
 
@@ -41,14 +43,35 @@ def test_quantized_categorical_mean_and_sample_agree():
     torch.testing.assert_close(samples.mean(0), dist.mean, atol=0.02, rtol=0)
 
 
-def test_bernoulli_is_fused_bce():
+def test_bernoulli_matches_torch_and_sums_to_one():
     torch.manual_seed(3)
-    logits = torch.randn(6, 1, 4, 4, 1)
+    logits = torch.randn(6, 1, 4, 4, 1) * 3
     x = torch.bernoulli(torch.full((6, 1, 4, 4), 0.3))
     ours = BernoulliLikelihood()(logits).log_prob(x)
     reference = Bernoulli(logits=logits.squeeze(-1)).log_prob(x).sum((1, 2, 3))
     torch.testing.assert_close(ours, reference)
+    p0, p1 = (bernoulli_log_density(logits, torch.tensor(v)).exp() for v in (0.0, 1.0))
+    torch.testing.assert_close(p0 + p1, torch.ones_like(p0))  # sums to one at every pixel
     assert BernoulliLikelihood.binary_data
+
+
+def test_bernoulli_log_density_is_exact_to_float32_at_every_logit_and_has_bces_gradient():
+    edges = torch.tensor([-88.0, -87.0, 79.9, 80.1, 90.0, 1e-8])
+    logits = torch.cat([torch.linspace(-200, 200, 4001), edges])
+    for value in (0.0, 1.0, 0.3):  # 0.3: the formula holds for any x, as torch's does
+        x = torch.full_like(logits, value)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        exact = -bce(logits.double(), x.double(), reduction="none")
+        ours = bernoulli_log_density(logits, x)
+        assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
+        # float32's own rounding of the result (|value| up to 200) is part of the bound
+        assert ((ours.double() - exact).abs() <= 2e-7 + 1.2e-7 * exact.abs()).all()
+    # gradients against float64 finite differences, with x broadcast over a batch of logits
+    lg = (torch.randn(3, 5, dtype=torch.float64) * 4).requires_grad_()
+    x = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.4], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(bernoulli_log_density, (lg, x))
+    (grad,) = torch.autograd.grad(bernoulli_log_density(lg, x.detach()).sum(), lg)
+    torch.testing.assert_close(grad, x.detach() - torch.sigmoid(lg.detach()))
 
 
 @pytest.mark.parametrize("learn_std", [True, False])
@@ -71,3 +94,18 @@ def test_categorical_refuses_uneven_quantization():
     with pytest.raises(VaekitError, match="num_vals=4"):
         CategoricalLikelihood(4).check_dataset(17)
     CategoricalLikelihood(5).check_dataset(17)  # 16 / 4 levels: fine
+
+
+@pytest.mark.parametrize(
+    ("logits_shape", "value_shape"),
+    [((300, 2, 1, 28, 28), (2, 1, 28, 28)), ((2, 3, BLOCK_ELEMENTS + 5), (3, BLOCK_ELEMENTS + 5))],
+)
+def test_bernoulli_log_density_in_blocks_equals_torch_on_large_broadcast_inputs(logits_shape, value_shape):
+    # the first: slices of the draws dimension; the second: rows longer than a block, one by one
+    torch.manual_seed(0)
+    logits = torch.randn(logits_shape) * 5
+    x = torch.bernoulli(torch.full(value_shape, 0.4))
+    with torch.inference_mode():
+        ours = bernoulli_log_density(logits, x)
+        reference = Bernoulli(logits=logits).log_prob(x.expand_as(logits))
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-6)

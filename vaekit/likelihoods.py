@@ -7,7 +7,7 @@ Data reach every likelihood as floats in [0, 1] (binary for Bernoulli).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,86 @@ def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> torch.Size:
     n = max(len(a), len(b))
     a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
     return torch.Size(y if x == 1 else x for x, y in zip(a, b, strict=True))
+
+
+def bernoulli_log_density(logits: Tensor, value: Tensor) -> Tensor:
+    """log Bernoulli(value | sigmoid(logits)) elementwise, shapes broadcast:
+
+        x l - softplus(l) = (x l - relu(l)) + log sigmoid(|l|)
+
+    torch's softplus and BCE go through log1p, which is not vectorised on the CPU (about 10 ns
+    per element); sigmoid then log are (this is about 3x faster). For binary x the first part
+    is exact (l - l or 0 - 0), so confident pixels lose nothing to cancellation, and
+    sigmoid(|l|) lies in [1/2, 1), so the log is within ~1e-7 of exact at every logit.
+    The gradient is BCE's, x - sigmoid(l) (`_BernoulliLogDensity`).
+    """
+    return _BernoulliLogDensity.apply(logits, value)
+
+
+# Elements per block of `_log_density_values`: its intermediates (three of them) then stay in a
+# core's cache; whole large tensors made the five passes memory-bound (scripts/bench_iw.py).
+BLOCK_ELEMENTS = 2**17
+
+
+def _log_density_values(logits: Tensor, value: Tensor) -> Tensor:
+    """(x l - relu(l)) + log sigmoid(|l|), block by block (`_blocks`) for large inputs."""
+    value = value.expand_as(logits) if value.shape != logits.shape else value
+    if logits.numel() <= BLOCK_ELEMENTS:
+        return _block_values(logits, value)
+    out = torch.empty_like(logits)
+    for l_block, x_block, o_block in _blocks(logits, value, out):
+        torch.addcmul(torch.relu(l_block).neg_(), x_block, l_block, out=o_block)
+        o_block.add_(l_block.abs().sigmoid_().log_())
+    return out
+
+
+def _block_values(logits: Tensor, value: Tensor) -> Tensor:
+    log_sig = logits.abs().sigmoid_().log_()
+    return torch.addcmul(torch.relu(logits).neg_(), value, logits).add_(log_sig)
+
+
+def _blocks(*tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """Matching views of same-shape tensors, each of at most BLOCK_ELEMENTS elements where the
+    shape allows: slices along the first dimension, or rows of it taken one at a time."""
+    first = tensors[0]
+    if first.numel() <= BLOCK_ELEMENTS or first.dim() <= 1:
+        yield tensors
+        return
+    row = first[0].numel()
+    if row <= BLOCK_ELEMENTS:
+        yield from zip(*(t.split(BLOCK_ELEMENTS // row) for t in tensors), strict=True)
+        return
+    for index in range(first.shape[0]):
+        yield from _blocks(*(t[index] for t in tensors))
+
+
+class _BernoulliLogDensity(torch.autograd.Function):
+    """Forward `_log_density_values`; backward d/dl = x - sigmoid(l), d/dx = l (summed back to
+    each input's shape where it was broadcast)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, logits: Tensor, value: Tensor) -> Tensor:
+        ctx.save_for_backward(logits, value)
+        return _log_density_values(logits, value)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        logits, value = ctx.saved_tensors
+        grad_logits = grad_value = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = (grad * (value - torch.sigmoid(logits))).sum_to_size(logits.shape)
+        if ctx.needs_input_grad[1]:
+            grad_value = (grad * logits).sum_to_size(value.shape)
+        return grad_logits, grad_value
+
+
+class FastBernoulli(Bernoulli):
+    """torch's Bernoulli(logits=...) with `bernoulli_log_density` as its log_prob (about 3x
+    faster on the CPU, the same value to ~1e-7 and the same gradient)."""
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """Elementwise log-probability, the broadcast shape of logits and value."""
+        return bernoulli_log_density(self.logits, value)
 
 
 class QuantizedCategorical(Distribution):
@@ -93,14 +173,14 @@ class Likelihood(nn.Module):
 
 
 class BernoulliLikelihood(Likelihood):
-    """x_d ~ Bernoulli(sigmoid(logit_d)) on binarized data; log_prob is a fused BCE-with-logits."""
+    """x_d ~ Bernoulli(sigmoid(logit_d)) on binarized data; log_prob is `bernoulli_log_density`."""
 
     num_params = 1
     binary_data = True
 
     def forward(self, params: Tensor) -> Distribution:
         logits = params.squeeze(-1)  # (B, *shape)
-        return Independent(Bernoulli(logits=logits, validate_args=False), logits.dim() - 1)
+        return Independent(FastBernoulli(logits=logits, validate_args=False), logits.dim() - 1)
 
 
 class CategoricalLikelihood(Likelihood):
