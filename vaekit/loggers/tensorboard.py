@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from vaekit.loggers.base import Logger
+from vaekit.loggers.projector import ProjectorWriter
 
 # TensorBoard's CUSTOM SCALARS tab: what a user compares, on one chart each (tags are regexes).
 LAYOUT = {
@@ -29,6 +30,7 @@ class RunLogger(Logger):
         # hidden, so a resumed run's curves continue without duplicated steps
         self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
         self.writer.add_custom_scalars(LAYOUT)
+        self.projector = ProjectorWriter(run_dir / "tb")
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         """One scalar per key, tagged `<prefix>/<key>` (e.g. val/nelbo, train/kl/z1)."""
@@ -55,13 +57,7 @@ class RunLogger(Logger):
                 f"embedding needs means (N, L), labels (N,) and images (N, C, H, W); got "
                 f"{tuple(means.shape)}, {tuple(labels.shape)}, {tuple(images.shape)}."
             )
-        self.writer.add_embedding(
-            means.detach().float().cpu(),
-            metadata=[int(label) for label in labels.detach().cpu().reshape(-1)],
-            label_img=images.detach().float().clamp(0, 1).cpu(),
-            global_step=step,
-            tag=tag,
-        )
+        self.projector.add(means, labels, images.clamp(0, 1), step, tag)
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """The run's settings and final metrics, for TensorBoard's HPARAMS tab."""
